@@ -1,0 +1,326 @@
+"""Configuration: dataclasses documented once, loaded from YAML, overridden with dotted keys.
+
+Each field's docstring (the string literal under it) is its documentation; `gpg-vl train
+--help` prints them. Loading validates every value and says how to fix what is wrong.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gpg_vl.algorithm import ADVANTAGE_NORMS, AGGREGATIONS, ALGORITHMS, DEFAULTS
+from gpg_vl.task import TaskConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message says how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "assets/tiny/qwen2_vl"
+    """Local folder or hub name of a Qwen2-VL, Qwen2.5-VL or Qwen2-family text checkpoint."""
+    dtype: str = "auto"
+    """Weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16."""
+    attn_implementation: str = ""
+    """Attention kernel passed to transformers (sdpa, flash_attention_2, eager); empty = library default."""
+    max_pixels: int = 401408
+    """Largest image area after resizing (401408 = 512 visual tokens, the paper's setting)."""
+    min_pixels: int = 3136
+    """Smallest image area after resizing."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    trust_remote_code: bool = False
+    """Allow a checkpoint to run its own Python code when loading (only for checkpoints you trust)."""
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "gpg"
+    """Policy-gradient algorithm: gpg (the paper), grpo or dr_grpo (baselines in the same core)."""
+    group_size: int = 8
+    """G: completions sampled per prompt; one group per prompt."""
+    advantage_norm: str = ""
+    """F_norm: 'none' (A = r - mean, GPG's default) or 'std' (divide by group std + 1e-4); empty = the algorithm's default."""
+    loss_aggregation: str = ""
+    """How per-token losses are averaged: token, sequence or constant (Dr. GRPO); empty = the algorithm's default."""
+    alpha_correction: bool | None = None
+    """Scale the loss by alpha = B / (B - M), B groups of which M are all-equal; null = on for gpg, off for the baselines."""
+    beta_th: float | None = None
+    """beta_th: resample while the fraction of valid groups is below it; null = 0.4 for gpg, 0 for the baselines."""
+    max_resample_rounds: int = 20
+    """Most generation rounds per optimizer step when resampling (the reference used 20)."""
+    clip_eps: float = 0.2
+    """GRPO / Dr. GRPO ratio clipping epsilon (unused by gpg, which has no ratio)."""
+    kl_coef: float = 0.0
+    """GRPO KL coefficient; above 0 loads a frozen reference model. Must be 0 for gpg."""
+
+    def resolved(self, key: str) -> Any:
+        """The setting after the algorithm's defaults are applied."""
+        value = getattr(self, key)
+        if value is None or value == "":
+            return DEFAULTS[self.name][key]
+        return value
+
+
+@dataclass
+class RolloutConfig:
+    temperature: float = 1.0
+    """Sampling temperature of training rollouts (honoured, unlike the reference's vision trainers)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold of training rollouts."""
+    top_k: int = 0
+    """Top-k sampling of training rollouts; 0 = off."""
+    max_new_tokens: int = 256
+    """Longest completion; longer ones are truncated and keep all their tokens."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    """Folder for metrics, TensorBoard logs, checkpoints and the final model."""
+    seed: int = 0
+    """Seed of data order, sampling and initialisation."""
+    prompts_per_device: int = 1
+    """Prompts (groups) per micro-batch on each process."""
+    grad_accum: int = 2
+    """Micro-batches per optimizer step; B = prompts_per_device * grad_accum * processes."""
+    learning_rate: float = 1e-6
+    """Peak AdamW learning rate."""
+    lr_schedule: str = "linear"
+    """Learning-rate schedule after warmup: linear, cosine or constant."""
+    warmup_ratio: float = 0.0
+    """Fraction of the training budget spent warming the learning rate up from 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clipping threshold; 0 = no clipping."""
+    epochs: float = 1.0
+    """Passes over the training rows (resampling consumes rows faster than steps)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps; 0 = run the epochs."""
+    mixed_precision: str = "auto"
+    """auto (bf16 on GPU, none on CPU), no, bf16 or fp16."""
+    logprob_chunk: int = 64
+    """Completion positions per chunk when computing float32 log-probs."""
+    log_every: int = 1
+    """Print a metrics line every this many steps."""
+    eval_every: int = 0
+    """Greedy evaluation on the task's eval split every this many steps; 0 = only at the end."""
+    save_every: int = 0
+    """Checkpoint every this many steps; 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """Most recent checkpoints kept on disk."""
+    resume: str = ""
+    """'latest' to continue from the newest checkpoint in output_dir, or a checkpoint folder."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files."""
+    plot: bool = True
+    """Write curves.png (reward and accuracy against step) at the end."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.type if isinstance(f.type, type) else globals()[f.type] for f in dataclasses.fields(Config)}
+
+
+def help_text() -> str:
+    """Every option as `section.name (default): doc`, for the CLI."""
+    lines = []
+    for section, cls in _sections().items():
+        hints = typing.get_type_hints(cls)
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {section}.{f.name} ({_type_name(hints[f.name])}, default {default!r})\n"
+                         f"      {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool):  # YAML reads `true` as a bool; string settings take words
+            return "true" if value else "false"
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if origin in (typing.Union, types.UnionType):  # only `X | None` is used
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "")):
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(value, inner, where)
+    return value
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
+    sections = _sections()
+    if section not in sections:
+        raise ConfigError(f"unknown config section {section!r}{_suggest(section, sections)}; "
+                          f"sections: {', '.join(sections)}")
+    obj = getattr(cfg, section)
+    cls = type(obj)
+    names = [f.name for f in dataclasses.fields(cls)]
+    head, _, rest = key.partition(".")
+    if head not in names:
+        raise ConfigError(f"unknown option {section}.{head}{_suggest(head, names, section)}; "
+                          f"`gpg-vl train --help` lists every option")
+    tp = typing.get_type_hints(cls)[head]
+    if rest:  # a nested key into a dict option, e.g. task.options.kinds
+        if typing.get_origin(tp) is not dict:
+            raise ConfigError(f"{section}.{head} is not a mapping; cannot set {section}.{key}")
+        getattr(obj, head)[rest] = value
+        return
+    setattr(obj, head, _coerce(value, tp, f"{section}.{head}"))
+
+
+def _suggest(name: str, options, section: str = "") -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    if not close:
+        return ""
+    return f" (did you mean {section + '.' if section else ''}{close[0]}?)"
+
+
+def _merge_mapping(cfg: Config, data: dict, source: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping")
+        for key, value in values.items():
+            _apply(cfg, section, key, value)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'train.learning_rate=1e-4' -> ('train', 'learning_rate', 1e-4); values are YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or "." not in key:
+        raise ConfigError(f"override {text!r} must look like section.option=value, e.g. train.max_steps=10")
+    section, _, name = key.strip().partition(".")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return section, name, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then dotted overrides; validated."""
+    cfg = Config()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        _merge_mapping(cfg, yaml.safe_load(path.read_text()) or {}, str(path))
+    for item in overrides:
+        section, name, value = parse_override(item)
+        _apply(cfg, section, name, value)
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    a, r, t, m = cfg.algorithm, cfg.rollout, cfg.train, cfg.model
+    _check(a.name in ALGORITHMS, f"algorithm.name must be one of {', '.join(ALGORITHMS)}, got {a.name!r}")
+    _check(a.group_size >= 2, f"algorithm.group_size must be at least 2 (a group needs a baseline), got {a.group_size}")
+    _check(a.advantage_norm in ("", *ADVANTAGE_NORMS),
+           f"algorithm.advantage_norm must be one of none, std (or empty), got {a.advantage_norm!r}")
+    _check(a.loss_aggregation in ("", *AGGREGATIONS),
+           f"algorithm.loss_aggregation must be one of {', '.join(AGGREGATIONS)} (or empty), got {a.loss_aggregation!r}")
+    _check(a.beta_th is None or 0.0 <= a.beta_th <= 1.0, f"algorithm.beta_th must be in [0, 1] (or null for the default), got {a.beta_th}")
+    _check(a.max_resample_rounds >= 1, "algorithm.max_resample_rounds must be at least 1")
+    _check(a.kl_coef >= 0, "algorithm.kl_coef must be >= 0")
+    _check(not (a.name == "gpg" and a.kl_coef > 0),
+           "gpg has no KL term and loads no reference model: set algorithm.kl_coef=0 or use algorithm.name=grpo")
+    _check(r.temperature > 0, "rollout.temperature must be > 0 (greedy decoding is used for evaluation only)")
+    _check(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}")
+    _check(r.top_k >= 0 and r.max_new_tokens >= 1, "rollout.top_k must be >= 0 and rollout.max_new_tokens >= 1")
+    _check(m.dtype in ("auto", "float32", "bfloat16", "float16"),
+           f"model.dtype must be auto, float32, bfloat16 or float16, got {m.dtype!r}")
+    _check(0 < m.min_pixels <= m.max_pixels, "model.min_pixels must be positive and at most model.max_pixels")
+    _check(t.prompts_per_device >= 1 and t.grad_accum >= 1, "train.prompts_per_device and train.grad_accum must be >= 1")
+    _check(t.learning_rate > 0, "train.learning_rate must be > 0")
+    _check(t.lr_schedule in ("linear", "cosine", "constant"),
+           f"train.lr_schedule must be linear, cosine or constant, got {t.lr_schedule!r}")
+    _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)")
+    _check(t.epochs > 0 or t.max_steps > 0, "set train.epochs > 0 or train.max_steps > 0")
+    _check(t.max_steps >= 0 and t.max_grad_norm >= 0, "train.max_steps and train.max_grad_norm must be >= 0")
+    _check(t.mixed_precision in ("auto", "no", "bf16", "fp16"),
+           f"train.mixed_precision must be auto, no, bf16 or fp16, got {t.mixed_precision!r}")
+    _check(t.logprob_chunk >= 1 and t.log_every >= 1 and t.keep_checkpoints >= 1,
+           "train.logprob_chunk, train.log_every and train.keep_checkpoints must be >= 1")
+    _check(cfg.task.on_bad_row in ("error", "skip"), "task.on_bad_row must be 'error' or 'skip'")
+    _check(cfg.task.eval_size >= 0, "task.eval_size must be >= 0 (0 = the whole split)")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

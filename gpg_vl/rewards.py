@@ -1,0 +1,184 @@
+"""Reward pieces that several tasks share: answer format, tag extraction, boxes, numbers, choices.
+
+Pure functions of strings and numbers; they know nothing of tasks or models. Each one must
+accept any string (empty, unicode, megabytes long) without raising or running for long, so
+whitespace runs in the regular expressions are matched possessively ("*+"): two plain "*"
+repeats of whitespace side by side would backtrack quadratically on a long run of spaces.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from typing import Sequence, Union
+
+from gpg_vl.boxes import Box, Size
+
+# ---------------------------------------------------------------- format and tags
+
+THINK_ANSWER_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+"""The common format of the vision tasks (TASKS.md). `has_think_answer_format` decides the same
+as `THINK_ANSWER_RE.fullmatch(text.strip())`, in linear time."""
+
+_THINK_THEN_ANSWER = re.compile(r"</think>\s*+<answer>")
+_OPEN, _CLOSE = "<think>", "</answer>"
+
+
+def has_think_answer_format(text: str) -> bool:
+    """True iff the whole stripped completion is `<think>...</think> <answer>...</answer>`."""
+    # fullmatch of THINK_ANSWER_RE backtracks quadratically on many "</think><answer>" pairs;
+    # since ".*?" matches anything, it matches iff the text opens with <think>, closes with
+    # </answer>, and a "</think>\s*<answer>" lies strictly between the two.
+    s = text.strip()
+    if not (s.startswith(_OPEN) and s.endswith(_CLOSE)):
+        return False
+    return _THINK_THEN_ANSWER.search(s, len(_OPEN), len(s) - len(_CLOSE)) is not None
+
+
+def extract_tag(text: str, tag: str = "answer") -> str | None:
+    """Stripped content of the last complete `<tag>...</tag>`; None when there is none."""
+    close = text.rfind(f"</{tag}>")
+    if close < 0:
+        return None
+    # The last opening tag before the last closing one: "<a>x<a>y</a>" gives "y".
+    start = text.rfind(f"<{tag}>", 0, close)
+    if start < 0:
+        return None
+    return text[start + len(tag) + 2 : close].strip()
+
+
+# ---------------------------------------------------------------- boxes
+
+_NUM = r"(?<![\d.])(-?(?:\d++(?:\.\d*+)?|\.\d++))"
+# Between two coordinates: a comma or semicolon, plain whitespace, or ")(" / "), (" / "], [".
+_SEP = r"(?:\s*+[)\]]\s*+,?\s*+[(\[]\s*+|\s*+[,;]\s*+|\s++)"
+_BOX_RE = re.compile(_SEP.join([_NUM] * 4))
+
+
+def parse_box(text: str) -> Box | None:
+    """The first four numbers in a row that form a box: "(x1,y1),(x2,y2)", "[x1, y1, x2, y2]",
+    "x1,y1,x2,y2" or "x1 y1 x2 y2"; None when none parse or a value is not finite.
+    The box is returned as written, not reordered: an inverted box (x2 < x1 or y2 < y1) is a
+    wrong answer, and `box_iou` / `box_giou` score it as empty rather than silently fixing it."""
+    m = _BOX_RE.search(text)
+    if m is None:
+        return None
+    box = tuple(float(v) for v in m.groups())
+    return box if all(math.isfinite(v) for v in box) else None
+
+
+def clip_box(box: Box, image_size: Size) -> Box:
+    """The box with every coordinate clamped to the image [0, w] x [0, h]."""
+    w, h = image_size
+    x1, y1, x2, y2 = box
+    return (min(max(x1, 0.0), w), min(max(y1, 0.0), h), min(max(x2, 0.0), w), min(max(y2, 0.0), h))
+
+
+def _valid(box: Box) -> bool:
+    return all(math.isfinite(v) for v in box) and box[2] >= box[0] and box[3] >= box[1]
+
+
+def _area(box: Box) -> float:
+    return (box[2] - box[0]) * (box[3] - box[1])
+
+
+def _iou_parts(a: Box, b: Box) -> tuple[float, float]:
+    """(intersection, union) of two valid boxes."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter, _area(a) + _area(b) - inter
+
+
+def box_iou(a: Box, b: Box, image_size: Size | None = None) -> float:
+    """Intersection over union in [0, 1]. Inverted, non-finite or zero-area boxes give 0.
+    With `image_size`, both boxes are first clipped to the image, so the part of a predicted
+    box outside the picture (which no ground truth can cover) is not counted in the union."""
+    if image_size is not None and _valid(a) and _valid(b):
+        a, b = clip_box(a, image_size), clip_box(b, image_size)
+    if not (_valid(a) and _valid(b)):
+        return 0.0
+    inter, union = _iou_parts(a, b)
+    return inter / union if union > 0 else 0.0
+
+
+def box_giou(a: Box, b: Box, image_size: Size | None = None) -> float:
+    """Generalised IoU (Rezatofighi et al. 2019) in [-1, 1]: IoU minus the share of the
+    smallest enclosing box that neither box covers. An inverted or non-finite box gives -1
+    (not a box at all: the worst score); a zero-area box keeps the enclosing-box term, so a
+    point inside the target (0) still beats a point far from it (towards -1)."""
+    if image_size is not None and _valid(a) and _valid(b):
+        a, b = clip_box(a, image_size), clip_box(b, image_size)
+    if not (_valid(a) and _valid(b)):
+        return -1.0
+    inter, union = _iou_parts(a, b)
+    iou = inter / union if union > 0 else 0.0
+    hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+    if hull <= 0:  # both boxes are the same point or lie on one line: nothing to enclose
+        return iou
+    return iou - (hull - union) / hull
+
+
+# ---------------------------------------------------------------- numbers
+
+_LATEX_TEXT = re.compile(r"\\(?:text|mathrm|mbox)\s*\{([^{}]*)\}")
+_LATEX_DEGREE = re.compile(r"\^\s*+\{?\s*+\\circ\s*+\}?|\\circ|\\degree")
+_LATEX_FRAC = re.compile(r"\\[dt]?frac\s*+\{\s*+(\d+(?:\.\d+)?)\s*+\}\s*+\{\s*+(\d+(?:\.\d+)?)\s*+\}")
+_UNSIGNED = r"(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d*)?|\.\d+)"
+# A trailing unit: degree or percent sign, then words of letters ("cm", "square units", "cm^2").
+_UNIT = r"\s*+[°%]?\s*+(?:[^\W\d_]++(?:\s++[^\W\d_]++)*+(?:\^?[23])?)?\s*+\.?"
+_NUMBER_RE = re.compile(r"(-?)\s*" + _UNSIGNED + r"(?:\s*/\s*" + _UNSIGNED + r")?" + _UNIT)
+
+
+def normalize_number(text: str) -> float | None:
+    """The number a short answer states: "140", "140°", "140 degrees", "3.5cm", "1,000", "-2",
+    "1/2", "\\frac{1}{2}", "$140^\\circ$"; None when the text is anything else ("2 or 3", "1,5").
+    "50%" is 50, not 0.5: the sign is read as a unit, so "50%" and "50" match either way round."""
+    s = unicodedata.normalize("NFKC", text).replace("\u2212", "-").replace("\u2013", "-")
+    s = s.replace("$", "").replace("\\%", "%")
+    for space in ("\\,", "\\!", "\\;", "\\ "):
+        s = s.replace(space, " ")
+    s = _LATEX_TEXT.sub(r" \1", s)
+    s = _LATEX_DEGREE.sub("°", s)
+    s = _LATEX_FRAC.sub(r"\1/\2", s)
+    m = _NUMBER_RE.fullmatch(s.strip())
+    if m is None:
+        return None
+    sign, num, den = m.groups()
+    value = float(num.replace(",", ""))
+    if den is not None:
+        d = float(den.replace(",", ""))
+        if d == 0:
+            return None
+        value /= d
+    value = -value if sign else value
+    return value if math.isfinite(value) else None
+
+
+def numbers_match(a: Union[str, float], b: Union[str, float], rel_tol: float = 1e-4, abs_tol: float = 1e-6) -> bool:
+    """True iff both sides are numbers (strings go through `normalize_number`) and close."""
+    x = normalize_number(a) if isinstance(a, str) else float(a)
+    y = normalize_number(b) if isinstance(b, str) else float(b)
+    if x is None or y is None:
+        return False
+    return math.isclose(x, y, rel_tol=rel_tol, abs_tol=abs_tol)
+
+
+# ---------------------------------------------------------------- choices
+
+
+def _choice_key(text: str) -> str:
+    return "".join(ch for ch in text.casefold() if not ch.isspace() and ch != "_")
+
+
+def exact_choice(answer: str, choices: Sequence[str]) -> str | None:
+    """The one choice the whole answer names (ignoring case, whitespace and underscores), else None.
+    Closes two known exploits of substring matching (Visual-RFT issues 79, 176): an empty answer
+    names nothing, and "A or B or C" equals no single choice. Choices that collide after
+    normalisation are ambiguous and also give None; a task should reject such a class list."""
+    key = _choice_key(answer)
+    if not key:
+        return None
+    hits = [c for c in choices if _choice_key(c) == key]
+    return hits[0] if len(hits) == 1 else None
