@@ -61,7 +61,7 @@ class TaskConfig:
     train_split: str = "train"
     """Split used for training."""
     eval_split: str = "test"
-    """Split used for held-out greedy evaluation during training."""
+    """Split used for held-out greedy evaluation during training; empty = no evaluation."""
     eval_size: int = 64
     """Rows of the evaluation split scored at each evaluation (0 = all)."""
     on_bad_row: str = "error"

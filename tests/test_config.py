@@ -61,3 +61,4 @@ def test_help_lists_every_option_with_its_doc():
 def test_override_values_are_yaml():
     assert parse_override("train.adam_betas=[0.9, 0.95]") == ("train", "adam_betas", [0.9, 0.95])
     assert parse_override("model.path=") == ("model", "path", "")
+    assert load_config(None, ["train.learning_rate=5e-4"]).train.learning_rate == 5e-4  # YAML 1.1: a string

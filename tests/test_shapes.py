@@ -142,22 +142,27 @@ def test_gold_box_in_each_convention_scores_one(task, convention):
         gold = row["shapes"][row["target"]]["box"]
         written = convention.from_pixels(gold, (56, 56))  # what a perfect model of that family writes
         got = task.score("({},{}),({},{})".format(*written), row, ctx)
-        assert got == {"accuracy": 1.0, "format": 1.0}
+        assert got["format"] == 1.0
+        # The 0-1000 grid rounds to 1/1000 of the image: at 56 px a perfect answer keeps IoU >= 0.99.
+        assert got["accuracy"] >= (0.99 if isinstance(convention, NormalizedBoxes) else 1.0)
     # Qwen2-VL writes the first cell's box (7,7,21,21) at 56 px as (125,125,375,375).
     assert NormalizedBoxes().from_pixels((7, 7, 21, 21), (56, 56)) == (125, 125, 375, 375)
 
 
 @pytest.mark.parametrize("size", [56, 60, 64, 112])
 def test_gold_box_round_trips_on_the_0_1000_grid(size):
-    # At 60 px the cell's middle half would be 7.5..22.5; snapped to multiples of
-    # 60 / gcd(60, 1000) = 3 it is 6..24, which Qwen2-VL writes exactly as 100..400.
+    # At 60 px the cell's middle three quarters would be 3.75..26.25; snapped to multiples of
+    # 60 / gcd(60, 1000) = 3 it is 3..27, which Qwen2-VL writes exactly as 50..450. Where the
+    # snap would move an edge by more than 1/16 of a cell (56, 64, 112 px) it is not done, and
+    # the 0-1000 grid's rounding costs under 1% IoU.
     small = make(kinds=["location"], image_size=size, num_train=1, num_test=40)
     ctx = ScoreContext(NormalizedBoxes())
     for row in small.rows("test"):
         written = NormalizedBoxes().from_pixels(row["shapes"][row["target"]]["box"], (size, size))
-        assert small.score("{},{},{},{}".format(*written), row, ctx)["accuracy"] == 1.0
+        iou = small.score("{},{},{},{}".format(*written), row, ctx)["accuracy"]
+        assert iou == 1.0 if size == 60 else iou >= 0.99
     if size == 60:
-        assert small.cells[0] == [6, 6, 24, 24]
+        assert small.cells[0] == [3, 3, 27, 27]
 
 
 def test_reward_weights():
