@@ -75,7 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     from gpg_vl.config import ConfigError
     from gpg_vl.task import UnknownTaskError
 
-    args = parser().parse_args(argv)
+    p = parser()
+    # Overrides may come before or after --config: argparse leaves the later ones over.
+    args, extra = p.parse_known_args(argv)
+    bad = [a for a in extra if a.startswith("-") or args.command != "train"]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except (ConfigError, UnknownTaskError, FileNotFoundError) as err:

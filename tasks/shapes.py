@@ -48,8 +48,8 @@ def _int(name: str, value: Any, low: int, high: float = math.inf) -> int:
 
 
 def _grid(max_shapes: int) -> int:
-    """Cells per side: at least 2x2, and one cell per shape so shapes never overlap."""
-    return max(2, math.ceil(math.sqrt(max_shapes)))
+    """Cells per side: one cell per shape so shapes never overlap (one shape fills the image)."""
+    return math.ceil(math.sqrt(max_shapes))
 
 
 @register_task("shapes")
@@ -65,7 +65,8 @@ class ShapesTask(Task):
         default ["count", "colour"].
       image_size: int, side of the square image in pixels, >= 8 per grid cell; default 56.
       max_shapes: int in 1..9 (a count is one digit); default 3. The grid has
-        max(2, ceil(sqrt(max_shapes))) cells per side.
+        ceil(sqrt(max_shapes)) cells per side; each shape is a jittered square box of 60-95%
+        of its cell.
       num_train, num_test: int >= 1, rows per split; defaults 4096 and 256.
       seed: int; default 0. Train and test rows use different seeds, and every distinct image
         belongs to one split only (by a hash), so no test image is seen in training.
@@ -130,21 +131,21 @@ class ShapesTask(Task):
     # ------------------------------------------------------------ rows
 
     def _cell_boxes(self) -> list[list[int]]:
-        """The pixel box of the shape in each grid cell: the cell's middle three quarters on each
-        axis (large shapes: a tiny random-init vision tower learns them far faster than small
-        ones). Edges are snapped to multiples of q = size / gcd(size, 1000) when that moves them
-        by at most 1/16 of a cell, so a perfect answer on Qwen2-VL's 0-1000 grid converts back
-        to the exact gold box (at 60 px: 3..27 and 33..57); elsewhere the grid's rounding costs
-        under 1% IoU (at the default 56 px the boxes are 4..24 and 32..52)."""
+        """The pixel box of each grid cell, in reading order."""
         size, n = self.image_size, self.grid
-        q = size // math.gcd(size, 1000)
-        edges = [i * size / n for i in range(n + 1)]
-        snap = q <= (size / n) / 8
-        spans = []
-        for lo, hi in zip(edges, edges[1:]):
-            a, b = lo + (hi - lo) / 8, hi - (hi - lo) / 8
-            spans.append((round(a / q) * q, round(b / q) * q) if snap else (round(a), round(b)))
-        return [[x1, y1, x2, y2] for (y1, y2) in spans for (x1, x2) in spans]
+        edges = [round(i * size / n) for i in range(n + 1)]
+        return [[x1, y1, x2, y2] for y1, y2 in zip(edges, edges[1:]) for x1, x2 in zip(edges, edges[1:])]
+
+    @staticmethod
+    def _place(rng: random.Random, cell: list[int]) -> list[int]:
+        """A square box inside a cell: side 60-95% of the cell, anywhere in it. Large shapes,
+        because a tiny random-init vision tower learns them far faster than small ones;
+        jittered, so that images are many and gold boxes continuous."""
+        x1, y1, x2, y2 = cell
+        side = min(x2 - x1, y2 - y1)
+        s = rng.randint(max(2, round(0.6 * side)), max(2, round(0.95 * side)))
+        x, y = x1 + rng.randint(0, (x2 - x1) - s), y1 + rng.randint(0, (y2 - y1) - s)
+        return [x, y, x + s, y + s]
 
     def _candidate(self, rng: random.Random, kind: str) -> tuple[list[dict[str, Any]], int | None]:
         """Random shapes for one row and the index of the asked-about shape (None for count)."""
@@ -161,7 +162,8 @@ class ShapesTask(Task):
             if kind == "location" and (shape, colour) == (target_shape, target_colour):
                 continue
             picks.append((shape, colour))
-        shapes = [{"shape": s, "colour": c, "box": list(self.cells[cell])} for (s, c), cell in zip(picks, cells)]
+        shapes = [{"shape": s, "colour": c, "box": self._place(rng, self.cells[cell])}
+                  for (s, c), cell in zip(picks, cells)]
         order = sorted(range(k), key=lambda i: cells[i])  # reading order, so the target is not always first
         return [shapes[i] for i in order], (None if kind == "count" else order.index(0))
 

@@ -150,19 +150,14 @@ def test_gold_box_in_each_convention_scores_one(task, convention):
 
 
 @pytest.mark.parametrize("size", [56, 60, 64, 112])
-def test_gold_box_round_trips_on_the_0_1000_grid(size):
-    # At 60 px the cell's middle three quarters would be 3.75..26.25; snapped to multiples of
-    # 60 / gcd(60, 1000) = 3 it is 3..27, which Qwen2-VL writes exactly as 50..450. Where the
-    # snap would move an edge by more than 1/16 of a cell (56, 64, 112 px) it is not done, and
-    # the 0-1000 grid's rounding costs under 1% IoU.
+def test_gold_box_survives_the_0_1000_grid(size):
+    # Qwen2-VL writes boxes in integers on a 0-1000 grid of the image; the rounding costs a
+    # perfect answer under 1% IoU at these sizes (boxes of 60-95% of a 28-56 px cell).
     small = make(kinds=["location"], image_size=size, num_train=1, num_test=40)
     ctx = ScoreContext(NormalizedBoxes())
     for row in small.rows("test"):
         written = NormalizedBoxes().from_pixels(row["shapes"][row["target"]]["box"], (size, size))
-        iou = small.score("{},{},{},{}".format(*written), row, ctx)["accuracy"]
-        assert iou == 1.0 if size == 60 else iou >= 0.99
-    if size == 60:
-        assert small.cells[0] == [3, 3, 27, 27]
+        assert small.score("{},{},{},{}".format(*written), row, ctx)["accuracy"] >= 0.99
 
 
 def test_reward_weights():
@@ -201,10 +196,14 @@ def test_uniform_random_answers_score_chance(task, kind, chance):
     assert sum(got) / len(got) == pytest.approx(chance, abs=0.05)
 
 
-def test_random_cell_box_scores_chance(task):
-    # Gold boxes are grid cells, disjoint from one another: a random cell's box has IoU 1 with
-    # probability 1/4 (2x2 grid) and 0 otherwise.
-    rng = random.Random(0)
+def test_a_cell_box_scores_by_overlap(task):
+    # A gold box lies inside one grid cell: the whole cell scores IoU = gold area / cell area
+    # (0.36 to 0.9025 for sides of 60-95% of the cell); any other cell scores 0.
     rows = [r for r in task.rows("train") if r["kind"] == "location"]
-    got = [task.score("{},{},{},{}".format(*rng.choice(task.cells)), r, PIXELS)["accuracy"] for r in rows]
-    assert set(got) == {0.0, 1.0} and sum(got) / len(got) == pytest.approx(1 / 4, abs=0.05)
+    for r in rows[:50]:
+        gold = r["shapes"][r["target"]]["box"]
+        scores = [task.score("{},{},{},{}".format(*cell), r, PIXELS)["accuracy"] for cell in task.cells]
+        assert sorted(scores)[:-1] == [0.0] * (len(scores) - 1)
+        side = gold[2] - gold[0]
+        cell = task.cells[scores.index(max(scores))]
+        assert max(scores) == pytest.approx(side * side / ((cell[2] - cell[0]) * (cell[3] - cell[1])), abs=1e-9)
