@@ -23,7 +23,7 @@ from gpg_vl import algorithm as alg
 from gpg_vl.checkpoint import resolve_resume, save_checkpoint
 from gpg_vl.config import Config, to_dict
 from gpg_vl.data import PromptStream
-from gpg_vl.metrics import PLOT_FILE, MetricsLogger, format_line, plot_curves
+from gpg_vl.metrics import PLOT_FILE, MetricsLogger, format_line, plot_curves, truncate_after
 from gpg_vl.rollout import Scored, generate, score
 from gpg_vl.task import Row, ScoreContext, Task, build_task
 
@@ -48,7 +48,7 @@ class StepBatch(NamedTuple):
     groups: list[Group]  # prompts_per_device * grad_accum groups, valid first
     rounds: int  # generation rounds used (same on every rank)
     exhausted: bool  # the round limit or the data budget ended resampling below beta_th
-    generated: int  # completions generated on this rank
+    generated: list[Group]  # every group generated this step on this rank, all rounds
     generated_tokens: int
     reward_failures: int
     generate_time: float
@@ -148,8 +148,14 @@ class Trainer:
         if resume_from is not None:
             acc.load_state(str(resume_from))
             acc.print(f"resumed from {resume_from} at step {self.state.step}")
-        self.logger = MetricsLogger(t.output_dir, acc.is_main_process, t.tensorboard,
-                                    self.state.step if resume_from is not None else None)
+        resume_step = self.state.step if resume_from is not None else None
+        self.logger = MetricsLogger(t.output_dir, acc.is_main_process, t.tensorboard, resume_step)
+        self.rank_log = Path(t.output_dir) / "ranks" / f"rank{acc.process_index}.jsonl"
+        self.rank_log.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.rank_log.write_text("")
+        else:
+            truncate_after(self.rank_log, resume_step)
 
     def _eval_rows(self) -> list[Row]:
         c = self.cfg.task
@@ -198,13 +204,14 @@ class Trainer:
         """
         need = self.beta_th * self.local_groups * self.accelerator.num_processes
         buffer: list[Group] = []
-        generated = tokens = failures = 0
+        generated: list[Group] = []
+        tokens = failures = 0
         gen_time = 0.0
         rounds, exhausted = 0, False
         while True:
             groups, f, n_tok, dt = self._generate_round()
             rounds += 1
-            generated += len(groups) * self.G
+            generated += groups
             failures, tokens, gen_time = failures + f, tokens + n_tok, gen_time + dt
             buffer += [g for g in groups if g.valid]
             trainable = self._global_sum(min(len(buffer), self.local_groups))
@@ -255,9 +262,7 @@ class Trainer:
         record = {"step": self.state.step + 1, "rank": acc.process_index, "rounds": batch.rounds,
                   "local_valid": sum(g.valid for g in batch.groups), "local_groups": len(batch.groups),
                   "inverse_alpha": inv_alpha, "batches_consumed": self.stream.batches_consumed}
-        path = Path(self.cfg.train.output_dir) / "ranks" / f"rank{acc.process_index}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
+        with self.rank_log.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
     def _micro_loss(self, micro: list[Group], inv_alpha: float) -> Tensor:
@@ -289,17 +294,23 @@ class Trainer:
 
     # ---- metrics ------------------------------------------------------------------------
     def batch_metrics(self, batch: StepBatch) -> dict[str, float]:
+        """reward/* and completion lengths over everything the policy generated this step (all
+        rounds, all ranks: every rank ran the same rounds); trained_reward over the batch trained."""
         acc = self.accelerator
-        rewards = acc.gather(torch.cat([g.rewards for g in batch.groups]).to(acc.device))
+
+        def gathered(groups: list[Group], field) -> Tensor:
+            return acc.gather(torch.cat([field(g) for g in groups]).float().to(acc.device))
+
+        rewards = gathered(batch.generated, lambda g: g.rewards)
         m = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std())}
         for name in self.task.reward_components:
-            values = acc.gather(torch.cat([g.components[name] for g in batch.groups]).to(acc.device))
-            m[f"reward/{name}"] = float(values.mean())
-        lengths = acc.gather(torch.cat([g.completion_mask.sum(1) for g in batch.groups]).float().to(acc.device))
+            m[f"reward/{name}"] = float(gathered(batch.generated, lambda g: g.components[name]).mean())
+        m["trained_reward/mean"] = float(gathered(batch.groups, lambda g: g.rewards).mean())
+        lengths = gathered(batch.generated, lambda g: g.completion_mask.sum(1))
         m["completion_length/mean"] = float(lengths.mean())
         m["completion_length/max"] = float(lengths.max())
         m["completion_length/truncated"] = float((lengths >= self.cfg.rollout.max_new_tokens).float().mean())
-        generated = self._global_sum(batch.generated)
+        generated = len(rewards)
         m["tokens_per_s"] = self._global_sum(batch.generated_tokens) / max(1e-9, batch.generate_time)
         m["generate_time"] = batch.generate_time
         m["resample_rounds"] = batch.rounds
@@ -330,6 +341,14 @@ class Trainer:
         n = max(1.0, float(totals[-1]))
         return {f"eval/{k}": float(v) / n for k, v in zip(sums, totals[:-1])}
 
+    def _evaluate_and_report(self, bar) -> dict[str, float]:
+        values = self.evaluate()
+        self.logger.log(self.state.step, values)
+        if self.accelerator.is_main_process:
+            bar.write(f"step {self.state.step:>4} | held-out greedy " +
+                      " | ".join(f"{k[5:]} {v:.3f}" for k, v in values.items()))
+        return values
+
     # ---- the loop -----------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         from tqdm.auto import tqdm
@@ -341,8 +360,7 @@ class Trainer:
                    disable=not acc.is_main_process, dynamic_ncols=True)
         last_eval: dict[str, float] = {}
         if self.state.step == 0 and self.eval_rows:
-            last_eval = self.evaluate()
-            self.logger.log(0, last_eval)
+            last_eval = self._evaluate_and_report(bar)
         while (self.state.step < total if kind == "steps" else self.data_left()):
             start = time.perf_counter()
             batch = self.collect()
@@ -358,11 +376,7 @@ class Trainer:
                 bar.write(format_line(self.state.step, metrics))
             finished = not (self.state.step < total if kind == "steps" else self.data_left())
             if self.eval_rows and (finished or (t.eval_every and self.state.step % t.eval_every == 0)):
-                last_eval = self.evaluate()
-                self.logger.log(self.state.step, last_eval)
-                if acc.is_main_process:
-                    bar.write(f"step {self.state.step:>4} | held-out " +
-                              " | ".join(f"{k[5:]} {v:.3f}" for k, v in last_eval.items()))
+                last_eval = self._evaluate_and_report(bar)
             if finished or (t.save_every and self.state.step % t.save_every == 0):
                 save_checkpoint(acc, self.model, self.adapter, t.output_dir, self.state.step,
                                 t.keep_checkpoints)
