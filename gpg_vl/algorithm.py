@@ -28,9 +28,9 @@ AGGREGATIONS = ("token", "sequence", "constant")
 
 # The defaults each algorithm brings when a setting is left unset.
 DEFAULTS: dict[str, dict] = {
-    # GPG: F_norm = 1 (paper's best), sequence mean as in the reference's vision runs
-    # (its text math runs used "token"; presets say so explicitly), alpha on.
-    # beta_th 0.4 as in the reference's vision scripts (0.5 for math: its presets say so).
+    # GPG: F_norm = 1 (paper's best), sequence mean as in the reference's vision runs (its
+    # text math runs used "token"), alpha on, beta_th 0.4 as in its vision scripts (0.5 in its
+    # 7B math script): a text-math preset sets loss_aggregation and beta_th explicitly.
     "gpg": {"advantage_norm": "none", "loss_aggregation": "sequence", "alpha_correction": True, "beta_th": 0.4},
     # GRPO (DeepSeekMath): std-scaled advantages, sequence mean, no alpha, no resampling.
     "grpo": {"advantage_norm": "std", "loss_aggregation": "sequence", "alpha_correction": False, "beta_th": 0.0},
@@ -61,6 +61,9 @@ def group_advantages(rewards: Tensor, group_size: int, norm: AdvantageNorm = "no
         adv = adv / (std + STD_EPS)
     elif norm != "none":
         raise ValueError(f"advantage norm must be one of {ADVANTAGE_NORMS}, got {norm!r}")
+    # The mean of equal floats can differ from them in the last bit: an invalid group gets
+    # exactly zero advantage, as the method says, not rounding noise.
+    adv = adv * valid_groups(rewards, group_size).unsqueeze(1)  # [B, G]
     return adv.reshape(-1)  # [B*G]
 
 

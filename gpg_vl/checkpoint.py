@@ -23,6 +23,10 @@ def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(_STEP_RE.match(path.name).group(1))
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     root = checkpoint_root(output_dir)
@@ -65,7 +69,10 @@ def save_checkpoint(accelerator, model, adapter, output_dir: str | Path, step: i
         if final.exists():  # a checkpoint of the same step from an earlier, abandoned run
             shutil.rmtree(final)
         tmp.rename(final)
-        for old in list_checkpoints(output_dir)[:-keep]:
+        # Newer checkpoints belong to a run that was resumed from an earlier point: stale.
+        done = list_checkpoints(output_dir)
+        stale = [p for p in done if checkpoint_step(p) > step]
+        for old in stale + [p for p in done if checkpoint_step(p) <= step][:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final

@@ -33,7 +33,7 @@ class ModelConfig:
     path: str = "assets/tiny/qwen2_vl"
     """Local folder or hub name of a Qwen2-VL, Qwen2.5-VL or Qwen2-family text checkpoint."""
     dtype: str = "auto"
-    """Weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16."""
+    """Weights dtype: auto (bfloat16 under DeepSpeed with bf16, which keeps fp32 master weights; else float32), float32, bfloat16 or float16."""
     attn_implementation: str = ""
     """Attention kernel passed to transformers (sdpa, flash_attention_2, eager); empty = library default."""
     max_pixels: int = 401408
@@ -323,7 +323,6 @@ def validate(cfg: Config) -> None:
            f"train.mixed_precision must be auto, no, bf16 or fp16, got {t.mixed_precision!r}")
     _check(t.logprob_chunk >= 1 and t.log_every >= 1 and t.keep_checkpoints >= 1,
            "train.logprob_chunk, train.log_every and train.keep_checkpoints must be >= 1")
-    _check(cfg.task.on_bad_row in ("error", "skip"), "task.on_bad_row must be 'error' or 'skip'")
     _check(cfg.task.eval_size >= 0, "task.eval_size must be >= 0 (0 = the whole split)")
 
 

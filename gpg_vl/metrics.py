@@ -27,7 +27,9 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=resume_step)
+            # purge_step hides events at and after it: keep the resumed step's own events.
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=purge)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -53,7 +55,13 @@ def truncate_after(path: Path, step: int) -> None:
     """Drop records past `step` (written by a run that died after its last checkpoint)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError):  # a line torn by the crash
+            continue
     path.write_text("".join(line + "\n" for line in kept))
 
 

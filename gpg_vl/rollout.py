@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from transformers import GenerationConfig
 
 from gpg_vl.task import Row, ScoreContext, Task
 
@@ -18,8 +19,6 @@ class Rollout(NamedTuple):
 
     rows: list[Row]
     """[B_micro] the prompts' rows, one per group."""
-    prompt_inputs: dict[str, Tensor]
-    """Model inputs of the prompts, each prompt repeated G times: input_ids [N, P], ..."""
     completion_ids: Tensor
     """[N, T] generated ids, padded after the end."""
     completion_mask: Tensor
@@ -47,6 +46,27 @@ def completion_mask(completion_ids: Tensor, eos_ids: list[int]) -> Tensor:
     return (~after_eos).long()
 
 
+# Every setting that reshapes the sampling distribution, at its neutral value. transformers
+# fills any setting left unset from the checkpoint's generation_config (Qwen's instruct
+# checkpoints ship a repetition penalty, for one); REINFORCE must sample from pi itself.
+NEUTRAL_SAMPLING = dict(repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+                        min_length=0, min_new_tokens=0, typical_p=1.0, min_p=0.0, epsilon_cutoff=0.0,
+                        eta_cutoff=0.0, diversity_penalty=0.0, num_beams=1, num_return_sequences=1)
+
+
+def sampling_config(adapter, *, greedy: bool, temperature: float, top_p: float, top_k: int,
+                    max_new_tokens: int) -> GenerationConfig:
+    """The whole generation config of a rollout: nothing is inherited from the checkpoint."""
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p,
+                                                         top_k=top_k)
+    return GenerationConfig(
+        **NEUTRAL_SAMPLING, **sampling, max_new_tokens=max_new_tokens,
+        eos_token_id=adapter.eos_token_ids, pad_token_id=adapter.pad_token_id,
+        # A sampled vision token (<|image_pad|>, ...) breaks the next forward pass: forbid it.
+        suppress_tokens=adapter.suppressed_token_ids or None,
+    )
+
+
 @torch.no_grad()
 def generate(model, adapter, task: Task, rows: list[Row], group_size: int, *, greedy: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256) -> Rollout:
@@ -59,20 +79,14 @@ def generate(model, adapter, task: Task, rows: list[Row], group_size: int, *, gr
     inputs = adapter.build_inputs(prompts, images)
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    sampling = dict(do_sample=False) if greedy else dict(
-        do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
-    out = model.generate(
-        **inputs, **sampling, max_new_tokens=max_new_tokens,
-        eos_token_id=adapter.eos_token_ids, pad_token_id=adapter.pad_token_id,
-        # A sampled vision token (<|image_pad|>, ...) breaks the next forward pass: forbid it.
-        suppress_tokens=adapter.suppressed_token_ids or None,
-    )
+    out = model.generate(**inputs, generation_config=sampling_config(
+        adapter, greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens))
     prompt_len = inputs["input_ids"].shape[1]
     ids = out[:, prompt_len:]  # [N, T]
     mask = completion_mask(ids, adapter.eos_token_ids)  # [N, T]
     ids = ids.masked_fill(mask == 0, adapter.pad_token_id)
     texts = adapter.decode(ids, mask)
-    return Rollout(rows, {k: v.cpu() for k, v in inputs.items()}, ids.cpu(), mask.cpu(), texts)
+    return Rollout(rows, ids.cpu(), mask.cpu(), texts)
 
 
 def score(task: Task, rollout: Rollout, ctx: ScoreContext, group_size: int) -> Scored:

@@ -41,10 +41,6 @@ class UnknownTaskError(LookupError):
     """A task name that is neither registered nor a plugin file."""
 
 
-class BadRowError(ValueError):
-    """A data row that cannot be used; the message names the file and the row."""
-
-
 @dataclass(frozen=True)
 class ScoreContext:
     """What a reward may know about the model that wrote the completion."""
@@ -56,16 +52,12 @@ class ScoreContext:
 class TaskConfig:
     name: str = "shapes"
     """Registered task name, or a path to a plugin file (`file.py` or `file.py:ClassName`)."""
-    data_path: str = ""
-    """Where the task's data lives (a folder, a file, or a hub name); empty means the task's default."""
     train_split: str = "train"
     """Split used for training."""
     eval_split: str = "test"
     """Split used for held-out greedy evaluation during training; empty = no evaluation."""
     eval_size: int = 64
     """Rows of the evaluation split scored at each evaluation (0 = all)."""
-    on_bad_row: str = "error"
-    """What to do with an unusable row: 'error' stops with the file and row, 'skip' drops it and reports the count."""
     options: dict[str, Any] = field(default_factory=dict)
     """Task-specific settings, documented in the task's class docstring."""
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from gpg_vl import algorithm as alg
-from gpg_vl.checkpoint import resolve_resume, save_checkpoint
+from gpg_vl.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
 from gpg_vl.config import Config, to_dict
 from gpg_vl.data import PromptStream
 from gpg_vl.metrics import PLOT_FILE, MetricsLogger, format_line, plot_curves, truncate_after
@@ -131,6 +131,9 @@ class Trainer:
         self.ctx = ScoreContext(boxes=self.adapter.box_convention)
         self.ref_model = None
         if self.algorithm != "gpg" and a.kl_coef > 0:  # GPG never loads a reference model
+            if ds is not None and ds.zero_stage == 3:
+                raise ValueError("a KL reference model is not supported under ZeRO-3 yet: use the zero2 "
+                                 "launcher, or algorithm.kl_coef=0")
             self.ref_model = load_adapter(cfg.model.path, **load).model.to(acc.device).eval().requires_grad_(False)
         if ds is not None:  # nothing is prepared from a dataloader, so DeepSpeed is told the sizes
             ds.deepspeed_config["train_micro_batch_size_per_gpu"] = t.prompts_per_device * self.G
@@ -145,6 +148,9 @@ class Trainer:
         total_batches = math.ceil(t.epochs * self.stream.batches_per_epoch)
         self.budget = ("steps", t.max_steps) if t.max_steps > 0 else ("batches", total_batches)
         resume_from = resolve_resume(t.output_dir, t.resume)
+        if resume_from is None and list_checkpoints(t.output_dir):
+            raise FileExistsError(f"{t.output_dir} holds checkpoints of an earlier run: pass --resume "
+                                  f"(train.resume=latest) to continue it, or choose another train.output_dir")
         if resume_from is not None:
             acc.load_state(str(resume_from))
             acc.print(f"resumed from {resume_from} at step {self.state.step}")
@@ -177,6 +183,10 @@ class Trainer:
     def data_left(self) -> bool:
         kind, total = self.budget
         return kind == "steps" or self.stream.batches_consumed < total
+
+    def finished(self) -> bool:
+        kind, total = self.budget
+        return self.state.step >= total if kind == "steps" else not self.data_left()
 
     # ---- collect: generation, scoring and beta_th resampling ------------------------------
     def _generate_round(self) -> tuple[list[Group], int, int, float]:
@@ -229,31 +239,36 @@ class Trainer:
         return float(self.accelerator.reduce(t, reduction="sum").item())
 
     # ---- update -------------------------------------------------------------------------
-    def update(self, batch: StepBatch) -> dict[str, float]:
-        """Micro-batches of log-probs and loss, one optimizer step."""
+    def update(self, batch: StepBatch, lr: float) -> dict[str, float]:
+        """Micro-batches of log-probs and loss, one optimizer step at learning rate `lr`."""
         t, a = self.cfg.train, self.cfg.algorithm
         acc, G = self.accelerator, self.G
         n_valid = self._global_sum(sum(g.valid for g in batch.groups))
         n_groups = self.local_groups * acc.num_processes
         inv_alpha = alg.inverse_alpha(int(n_valid), n_groups) if self.alpha_on else 1.0
         for group in self.optimizer.param_groups:
-            group["lr"] = t.learning_rate * lr_factor(self.progress(), t.warmup_ratio, t.lr_schedule)
+            group["lr"] = lr
         self.model.train()
-        losses, grad_norm = [], float("nan")
+        losses, stats, grad_norm = [], [], float("nan")
         for i in range(0, len(batch.groups), t.prompts_per_device):
             micro = batch.groups[i:i + t.prompts_per_device]
             with acc.accumulate(self.model):
-                loss = self._micro_loss(micro, inv_alpha)
+                loss, loss_stats = self._micro_loss(micro, inv_alpha)
                 acc.backward(loss)
                 losses.append(loss.detach())
+                stats.append(torch.stack([loss_stats.kl, loss_stats.clip_fraction]).float())
                 if acc.sync_gradients:
                     grad_norm = self._clip()
                 self.optimizer.step()
                 self.optimizer.zero_grad()
         loss = acc.reduce(torch.stack(losses).mean(), reduction="mean")
         self._log_rank(batch, inv_alpha)
-        return {"loss": float(loss), "grad_norm": grad_norm, "inverse_alpha": inv_alpha,
-                "valid_fraction": n_valid / n_groups, "lr": self.optimizer.param_groups[0]["lr"]}
+        m = {"loss": float(loss), "grad_norm": grad_norm, "inverse_alpha": inv_alpha,
+             "valid_fraction": n_valid / n_groups, "lr": lr}
+        if self.algorithm != "gpg":  # GPG has neither a KL term nor a ratio to clip
+            kl, clipped = acc.reduce(torch.stack(stats).mean(0), reduction="mean").tolist()
+            m.update({"kl": kl, "clip_fraction": clipped})
+        return m
 
     def _log_rank(self, batch: StepBatch, inv_alpha: float) -> None:
         """One line per step and rank: how the valid groups fell across ranks (the reference's
@@ -265,7 +280,7 @@ class Trainer:
         with self.rank_log.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def _micro_loss(self, micro: list[Group], inv_alpha: float) -> Tensor:
+    def _micro_loss(self, micro: list[Group], inv_alpha: float) -> tuple[Tensor, alg.LossStats]:
         a, G, dev = self.cfg.algorithm, self.G, self.accelerator.device
         prompts = [self.task.prompt(g.row) for g in micro for _ in range(G)]
         images = [self.task.images(g.row) for g in micro for _ in range(G)]
@@ -274,21 +289,20 @@ class Trainer:
         mask = pad_stack([g.completion_mask for g in micro], 0).to(dev)  # [N, T]
         rewards = torch.cat([g.rewards for g in micro]).to(dev)  # [N]
         advantages = alg.group_advantages(rewards, G, self.adv_norm)  # [N]
-        logprobs = self.adapter.completion_logprobs(self.model, inputs, ids, mask, self.cfg.train.logprob_chunk)
+        chunk, temp = self.cfg.train.logprob_chunk, self.cfg.rollout.temperature
+        logprobs = self.adapter.completion_logprobs(self.model, inputs, ids, mask, chunk, temp)  # [N, T]
         ref = None
         if self.ref_model is not None:
             with torch.no_grad():
-                ref = self.adapter.completion_logprobs(self.ref_model, inputs, ids, mask, self.cfg.train.logprob_chunk)
-        loss, _ = alg.policy_loss(self.algorithm, logprobs, advantages, mask.to(logprobs.dtype),
+                ref = self.adapter.completion_logprobs(self.ref_model, inputs, ids, mask, chunk, temp)  # [N, T]
+        return alg.policy_loss(self.algorithm, logprobs, advantages, mask.to(logprobs.dtype),
                                   inv_alpha=inv_alpha, aggregation=self.aggregation,
                                   constant=float(self.cfg.rollout.max_new_tokens), ref_logprobs=ref,
                                   clip_eps=a.clip_eps, kl_coef=a.kl_coef)
-        return loss
 
     def _clip(self) -> float:
         t, acc = self.cfg.train, self.accelerator
-        if acc.state.deepspeed_plugin is not None:  # DeepSpeed clips inside its step
-            return float("nan")
+        # Under DeepSpeed this returns the engine's global norm (it clips inside its step).
         norm = acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
         return float(norm)
 
@@ -316,16 +330,22 @@ class Trainer:
         m["resample_rounds"] = batch.rounds
         m["resample_exhausted"] = float(batch.exhausted)
         m["reward_failures"] = self._global_sum(batch.reward_failures)
-        self.state.samples_generated += int(generated)
-        m["samples_generated"] = self.state.samples_generated
+        m["samples_generated"] = self.state.samples_generated + generated
         m["epoch"] = self.stream.epochs_done
         return m
 
     # ---- evaluation ---------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        """Greedy decoding on this rank's shard of the held-out rows; sums over all ranks."""
+        """Greedy decoding on this rank's shard of the held-out rows; sums over all ranks.
+
+        Every rank makes the same number of `generate` calls (under ZeRO-3 generation is a
+        collective): a short shard is padded with its first row, whose scores are dropped.
+        """
         acc, r = self.accelerator, self.cfg.rollout
         rows = self.eval_rows[acc.process_index::acc.num_processes]
+        n_real = len(rows)
+        per_rank = math.ceil(len(self.eval_rows) / acc.num_processes)
+        rows = rows + [self.eval_rows[0]] * (per_rank - n_real)
         unwrapped = acc.unwrap_model(self.model)
         unwrapped.eval()
         sums = {k: 0.0 for k in self.task.reward_components}
@@ -335,9 +355,10 @@ class Trainer:
                 rollout = generate(unwrapped, self.adapter, self.task, rows[i:i + batch], 1, greedy=True,
                                    max_new_tokens=r.max_new_tokens)
                 scored = score(self.task, rollout, self.ctx, 1)
+                real = max(0, min(batch, n_real - i))
                 for k, v in scored.components.items():
-                    sums[k] += float(v.sum())
-        totals = acc.reduce(torch.tensor([*sums.values(), float(len(rows))], device=acc.device), reduction="sum")
+                    sums[k] += float(v[:real].sum())
+        totals = acc.reduce(torch.tensor([*sums.values(), float(n_real)], device=acc.device), reduction="sum")
         n = max(1.0, float(totals[-1]))
         return {f"eval/{k}": float(v) / n for k, v in zip(sums, totals[:-1])}
 
@@ -361,12 +382,15 @@ class Trainer:
         last_eval: dict[str, float] = {}
         if self.state.step == 0 and self.eval_rows:
             last_eval = self._evaluate_and_report(bar)
-        while (self.state.step < total if kind == "steps" else self.data_left()):
+        while not self.finished():
             start = time.perf_counter()
+            # The learning rate of this step, from the budget used before it draws its data.
+            lr = t.learning_rate * lr_factor(self.progress(), t.warmup_ratio, t.lr_schedule)
             batch = self.collect()
             metrics = self.batch_metrics(batch)
-            metrics.update(self.update(batch))
+            metrics.update(self.update(batch, lr))
             self.state.step += 1
+            self.state.samples_generated = int(metrics["samples_generated"])
             metrics["step_time"] = time.perf_counter() - start
             self.logger.log(self.state.step, metrics)
             bar.update(1 if kind == "steps" else self.stream.batches_consumed - bar.n)
@@ -374,7 +398,7 @@ class Trainer:
                             valid=f"{metrics['valid_fraction']:.2f}")
             if acc.is_main_process and self.state.step % t.log_every == 0:
                 bar.write(format_line(self.state.step, metrics))
-            finished = not (self.state.step < total if kind == "steps" else self.data_left())
+            finished = self.finished()
             if self.eval_rows and (finished or (t.eval_every and self.state.step % t.eval_every == 0)):
                 last_eval = self._evaluate_and_report(bar)
             if finished or (t.save_every and self.state.step % t.save_every == 0):

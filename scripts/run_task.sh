@@ -35,11 +35,11 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   launcher=$(sed -n 's/^# launcher: *\([a-z0-9]*\).*/\1/p' "$config" | head -n 1)
   gpus=${nproc:-$(nvidia-smi -L | wc -l)}
   exec accelerate launch --config_file "scripts/accelerate/${launcher:-ddp}.yaml" --num_processes "$gpus" \
-    -m gpg_vl.cli train --config "$config" "${overrides[@]}"
+    -m gpg_vl.cli train --config "$config" ${overrides[@]+"${overrides[@]}"}
 elif [ "${nproc:-1}" -gt 1 ]; then
   # Real multi-process data parallel on CPU (an accelerate MULTI_CPU config runs one process).
   ACCELERATE_USE_CPU=1 exec torchrun --standalone --nproc_per_node "$nproc" \
-    -m gpg_vl.cli train --config "$config" "${overrides[@]}"
+    -m gpg_vl.cli train --config "$config" ${overrides[@]+"${overrides[@]}"}
 else
-  exec python -m gpg_vl.cli train --config "$config" "${overrides[@]}"
+  exec python -m gpg_vl.cli train --config "$config" ${overrides[@]+"${overrides[@]}"}
 fi

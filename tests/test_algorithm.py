@@ -141,6 +141,15 @@ def test_all_equal_group_gives_exactly_zero_gradient(how, algorithm):
     assert logp.grad[:4].abs().sum() > 0
 
 
+@pytest.mark.parametrize("norm", ["none", "std"])
+def test_all_equal_group_has_exactly_zero_advantage_despite_rounding(norm):
+    # mean of eight 0.1 is 0.09999999999999999 in float64: without masking, A would be ~1e-17
+    # (and ~7e-5 once divided by std + 1e-4 in float32).
+    for dtype in (torch.float32, torch.float64):
+        adv = alg.group_advantages(torch.full((8,), 0.1, dtype=dtype), 8, norm)
+        assert torch.equal(adv, torch.zeros(8, dtype=dtype))
+
+
 @pytest.mark.parametrize("how", ["token", "sequence", "constant"])
 def test_padding_does_not_change_the_loss(how):
     logp, adv, mask = _hand_case()

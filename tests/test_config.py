@@ -38,7 +38,7 @@ def test_algorithm_defaults_resolve_per_algorithm():
     ("train.max_steps=abc", "must be an integer"),
     ("train.lr_schedule=step", "linear, cosine or constant"),
     ("rollout.temperature=0", "temperature must be > 0"),
-    ("task.on_bad_row=ignore", "'error' or 'skip'"),
+    ("task.eval_size=-1", "eval_size must be >= 0"),
     ("max_steps=3", "section.option=value"),
 ])
 def test_bad_values_say_how_to_fix(override, fragment):
@@ -55,7 +55,7 @@ def test_missing_file_is_named(tmp_path):
 def test_help_lists_every_option_with_its_doc():
     text = help_text()
     assert "algorithm.beta_th" in text and "resample while the fraction of valid groups" in text
-    assert "task.on_bad_row" in text and "train.grad_accum" in text
+    assert "task.eval_split" in text and "train.grad_accum" in text
 
 
 def test_override_values_are_yaml():

@@ -45,6 +45,22 @@ def test_greedy_is_deterministic_and_max_new_tokens_is_honoured(setup):
     assert torch.equal(a.completion_ids, b.completion_ids) and a.completion_ids.shape[1] <= 3
 
 
+def test_the_checkpoints_sampling_defaults_do_not_leak_in(setup):
+    # A repetition penalty or a top-k in the checkpoint's generation_config would make the
+    # rollouts come from another distribution than the policy's.
+    adapter, task = setup
+    rows = task.rows("test")[:2]
+    clean = generate(adapter.model, adapter, task, rows, 1, greedy=True, max_new_tokens=6).completion_ids
+    saved = adapter.model.generation_config
+    try:
+        adapter.model.generation_config = saved.__class__(**saved.to_dict())
+        adapter.model.generation_config.update(repetition_penalty=50.0, no_repeat_ngram_size=1, min_new_tokens=6)
+        again = generate(adapter.model, adapter, task, rows, 1, greedy=True, max_new_tokens=6).completion_ids
+    finally:
+        adapter.model.generation_config = saved
+    assert torch.equal(clean, again)
+
+
 def test_temperature_is_honoured(setup):
     # A cold sampler agrees with greedy decoding; a hot one does not.
     adapter, task = setup

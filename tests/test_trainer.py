@@ -34,7 +34,7 @@ def test_pad_stack_pads_on_the_right():
 
 def test_split_groups_keeps_each_prompt_with_its_completions():
     ids = torch.arange(12).view(4, 3)
-    rollout = Rollout([{"id": "a"}, {"id": "b"}], {}, ids, torch.ones(4, 3), ["w", "x", "y", "z"])
+    rollout = Rollout([{"id": "a"}, {"id": "b"}], ids, torch.ones(4, 3), ["w", "x", "y", "z"])
     scored = Scored(rollout, torch.tensor([1.0, 0.0, 1.0, 1.0]), {"accuracy": torch.tensor([1.0, 0.0, 1.0, 1.0])}, 0)
     a, b = split_groups(scored, 2)
     assert a.row["id"] == "a" and a.completion_ids.tolist() == [[0, 1, 2], [3, 4, 5]] and a.valid

@@ -41,14 +41,16 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def _token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[ids] in float32 without a float32 log-softmax of the whole vocabulary."""
-    logits = logits.float()  # [N, C, V]
+def _token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature)[ids] in float32, without a float32 log-softmax of the
+    whole vocabulary."""
+    logits = logits.float() / temperature  # [N, C, V]
     picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # [N, C]
     return picked - torch.logsumexp(logits, dim=-1)  # [N, C]
 
 
-def chunked_token_logprobs(logits: torch.Tensor, ids: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def chunked_token_logprobs(logits: torch.Tensor, ids: torch.Tensor, chunk_size: int,
+                           temperature: float = 1.0) -> torch.Tensor:
     """Per-position log-probabilities of `ids` under `logits` [N, T, V], `chunk_size`
     positions at a time. Under autograd each chunk is checkpointed: otherwise every chunk's
     float32 copy of the logits would be kept for the backward pass, undoing the chunking."""
@@ -58,9 +60,9 @@ def chunked_token_logprobs(logits: torch.Tensor, ids: torch.Tensor, chunk_size: 
     for start in range(0, ids.shape[1], chunk_size):
         part, part_ids = logits[:, start:start + chunk_size], ids[:, start:start + chunk_size]
         if torch.is_grad_enabled() and part.requires_grad:
-            out.append(checkpoint(_token_logprobs, part, part_ids, use_reentrant=False))
+            out.append(checkpoint(_token_logprobs, part, part_ids, temperature, use_reentrant=False))
         else:
-            out.append(_token_logprobs(part, part_ids))
+            out.append(_token_logprobs(part, part_ids, temperature))
     return torch.cat(out, dim=1)  # [N, T]
 
 
@@ -132,15 +134,18 @@ class ModelAdapter:
         return inputs
 
     def completion_logprobs(self, model, prompt_inputs: dict[str, Any], completion_ids: torch.Tensor,
-                            completion_mask: torch.Tensor, chunk_size: int = 64) -> torch.Tensor:
-        """log pi(o_t | prompt, o_<t) of each completion token, float32 [N, T], 0 where the
-        mask is 0. `model` may be a DDP/DeepSpeed wrapper of `self.model`: it is called
-        through its own forward so that gradients synchronise."""
+                            completion_mask: torch.Tensor, chunk_size: int = 64,
+                            temperature: float = 1.0) -> torch.Tensor:
+        """log pi_T(o_t | prompt, o_<t) of each completion token, float32 [N, T], 0 where the
+        mask is 0, with pi_T the sampling distribution softmax(logits / temperature): the policy
+        gradient is taken of the distribution the completions were drawn from. `model` may be
+        a DDP/DeepSpeed wrapper of `self.model`: it is called through its own forward so that
+        gradients synchronise."""
         inputs = self.forward_inputs(prompt_inputs, completion_ids, completion_mask)
         num_tokens = completion_ids.shape[1]
         # Logits at positions P-1 .. P+T-1; the last one predicts past the completion.
         logits = model(**inputs, logits_to_keep=num_tokens + 1, use_cache=False).logits[:, :-1]  # [N, T, V]
-        logprobs = chunked_token_logprobs(logits, completion_ids, chunk_size)  # [N, T]
+        logprobs = chunked_token_logprobs(logits, completion_ids, chunk_size, temperature)  # [N, T]
         return logprobs * completion_mask.to(logprobs.dtype)
 
     def save_processor(self, path) -> None:
