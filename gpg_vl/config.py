@@ -323,6 +323,7 @@ def validate(cfg: Config) -> None:
            f"train.mixed_precision must be auto, no, bf16 or fp16, got {t.mixed_precision!r}")
     _check(t.logprob_chunk >= 1 and t.log_every >= 1 and t.keep_checkpoints >= 1,
            "train.logprob_chunk, train.log_every and train.keep_checkpoints must be >= 1")
+    _check(cfg.task.on_bad_row in ("error", "skip"), "task.on_bad_row must be 'error' or 'skip'")
     _check(cfg.task.eval_size >= 0, "task.eval_size must be >= 0 (0 = the whole split)")
 
 

@@ -52,6 +52,12 @@ class ScoreContext:
 class TaskConfig:
     name: str = "shapes"
     """Registered task name, or a path to a plugin file (`file.py` or `file.py:ClassName`)."""
+    data_path: str = ""
+    """Local data file or folder, or a hub data set name; empty = the task's bundled sample."""
+    image_root: str = ""
+    """Folder that image paths in the data are relative to; empty = the data file's folder."""
+    on_bad_row: str = "error"
+    """An unusable row: 'error' stops naming the file and row; 'skip' drops it and reports the count."""
     train_split: str = "train"
     """Split used for training."""
     eval_split: str = "test"
