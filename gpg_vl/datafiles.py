@@ -39,11 +39,14 @@ class LoadReport:
     source: str
     read: int = 0
     kept: int = 0
+    left_out: int = 0  # by the task's own rules (convert returned None), not bad
     skipped: int = 0
     examples: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         text = f"{self.source}: kept {self.kept} of {self.read} rows"
+        if self.left_out:
+            text += f", left out {self.left_out} by the task's rules"
         if self.skipped:
             text += f", skipped {self.skipped} bad rows (e.g. {'; '.join(self.examples)})"
         return text
@@ -83,7 +86,8 @@ def read_records(path: Path, split: str) -> Iterator[dict[str, Any]]:
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        yield from pq.read_table(path).to_pylist()
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):  # a few rows in memory at a time
+            yield from batch.to_pylist()
     else:
         raise ValueError(f"{path}: unsupported data file; use one of {', '.join(SUFFIXES)}")
 
@@ -96,7 +100,11 @@ def read_hub(name: str, split: str) -> Iterator[dict[str, Any]]:
         raise FileNotFoundError(f"{name!r} is not a local path, and reading it from the hub needs the "
                                 f"`datasets` package (pip install datasets)") from err
     try:
-        yield from datasets.load_dataset(name, split=split)
+        data = datasets.load_dataset(name, split=split)
+        for column, feature in data.features.items():
+            if isinstance(feature, datasets.Image):  # keep the compressed bytes; open_image decodes
+                data = data.cast_column(column, datasets.Image(decode=False))
+        yield from data
     except Exception as err:  # offline, unknown name, unknown split: all end here
         raise FileNotFoundError(f"cannot read split {split!r} of {name!r} from the hub ({err}); "
                                 f"download it and give the local folder as the data path") from err
@@ -124,10 +132,13 @@ def open_image(value: Any, image_root: Path | None) -> Image.Image:
         raise BadRowError(f"unreadable image {value if isinstance(value, str) else ''}: {err}") from err
 
 
-def load_rows(data_path: str, split: str, convert: Callable[[dict[str, Any], Path | None], Row],
-              on_bad_row: str = "error", image_root: str = "") -> tuple[list[Row], LoadReport]:
+def load_rows(data_path: str, split: str, convert: Callable[[dict[str, Any], Path | None], Row | None],
+              on_bad_row: str = "error", image_root: str = "",
+              max_rows: int = 0) -> tuple[list[Row], LoadReport]:
     """Rows of `split` from a local path or a hub name, each made by `convert(record, image_root)`,
-    which raises BadRowError (or KeyError for a missing field) on a row it cannot use."""
+    which raises BadRowError (or KeyError for a missing field) on a row it cannot use, and may
+    return None for a row the task leaves out by design (not counted as bad). Reading stops
+    once `max_rows` rows are kept (0 = read everything)."""
     local = Path(data_path).expanduser()
     if local.exists():
         file = split_file(local, split)
@@ -143,7 +154,11 @@ def load_rows(data_path: str, split: str, convert: Callable[[dict[str, Any], Pat
             if not isinstance(record, dict) or "__error__" in record:
                 raise BadRowError(record.get("__error__", "not a mapping") if isinstance(record, dict)
                                   else f"not a mapping: {record!r:.80}")
-            rows.append(convert(record, root))
+            row = convert(record, root)
+            if row is None:
+                report.left_out += 1
+            else:
+                rows.append(row)
         except (BadRowError, KeyError, TypeError, ValueError) as err:
             reason = f"missing field {err}" if isinstance(err, KeyError) else str(err)
             if on_bad_row != "skip":
@@ -151,6 +166,8 @@ def load_rows(data_path: str, split: str, convert: Callable[[dict[str, Any], Pat
             report.skipped += 1
             if len(report.examples) < 3:
                 report.examples.append(f"row {index}: {reason}")
+        if max_rows and len(rows) >= max_rows:
+            break
     report.kept = len(rows)
     if not rows:
         raise BadRowError(f"{source}: no usable rows in split {split!r} ({report})")

@@ -4,13 +4,24 @@ Pure functions of strings and numbers; they know nothing of tasks or models. Eac
 accept any string (empty, unicode, megabytes long) without raising or running for long, so
 whitespace runs in the regular expressions are matched possessively ("*+"): two plain "*"
 repeats of whitespace side by side would backtrack quadratically on a long run of spaces.
+The one exception to "pure": `symbolic_equal` runs math-verify in a worker process that it can
+kill, because a symbolic check can run for minutes on one adversarial answer.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import math
+import os
 import re
+import select
+import subprocess
+import sys
+import threading
+import time
 import unicodedata
+from pathlib import Path
 from typing import Sequence, Union
 
 from gpg_vl.boxes import Box, Size
@@ -182,3 +193,166 @@ def exact_choice(answer: str, choices: Sequence[str]) -> str | None:
         return None
     hits = [c for c in choices if _choice_key(c) == key]
     return hits[0] if len(hits) == 1 else None
+
+
+# ---------------------------------------------------------------- math answers
+
+_BOXED = ("\\boxed", "\\fbox")
+_BOXED_WORD = re.compile(r" ++([^\s$]++)")
+_BRACE_OR_ESCAPE = re.compile(r"\\.|[{}]", re.DOTALL)
+
+
+def _braced(text: str, start: int) -> str | None:
+    """The content of the brace group opening at text[start] == "{", or None when unclosed.
+    A backslash escapes the next character, so "\\{" and "\\}" are not counted as braces."""
+    depth = 0
+    for m in _BRACE_OR_ESCAPE.finditer(text, start):  # jumps over plain text in C, not per character
+        token = m.group()
+        if token == "{":
+            depth += 1
+        elif token == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1 : m.start()]
+    return None
+
+
+def last_boxed(text: str) -> str | None:
+    """Stripped content of the last `\\boxed{...}` (or `\\fbox{...}`), nested braces included:
+    "\\boxed{\\frac{1}{2}}" gives "\\frac{1}{2}". "\\boxed 5" gives "5". None when there is no
+    box, or the last one is never closed (a truncated completion is not scored by an earlier box)."""
+    at, name = max((text.rfind(n), n) for n in _BOXED)
+    if at < 0:
+        return None
+    rest = at + len(name)
+    if text.startswith("{", rest):
+        inner = _braced(text, rest)
+        return None if inner is None else inner.strip()
+    m = _BOXED_WORD.match(text, rest)  # "\boxed 5": the word after the space
+    return m.group(1) if m else None
+
+
+SYMBOLIC_MAX_CHARS = 1000
+"""Longer answers are scored wrong without parsing: a final answer is short, and sympy's time
+grows fast with the length of what it parses."""
+_WORKER_MEMORY = 2 << 30  # bytes of address space: a runaway allocation fails in the worker, not the machine
+_WORKER_START_S = 120.0  # importing sympy on a busy machine; not part of any answer's time limit
+
+
+def _serve_symbolic() -> None:
+    """Worker loop: one JSON request {"pred", "gold"} per input line, one "1"/"0" per output line."""
+    import functools
+    import logging
+    import resource
+
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (_WORKER_MEMORY, _WORKER_MEMORY))
+    except (ValueError, OSError):  # some systems refuse the limit; the parent's timeout still holds
+        pass
+    from math_verify import parse, verify
+
+    # The parent kills this process on timeout; math-verify's own SIGALRM timeouts are off
+    # and their "timeout is disabled" warnings with them.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # a stray print from sympy must not be read as a reply
+
+    @functools.lru_cache(maxsize=4096)  # the same gold answer is parsed once per group, not G times
+    def parsed(s: str):
+        return parse("\\boxed{" + s + "}", parsing_timeout=None)
+
+    replies.write("ready\n")
+    replies.flush()
+    for line in sys.stdin:
+        try:
+            req = json.loads(line)
+            gold, pred = parsed(req["gold"]), parsed(req["pred"])
+            ok = bool(gold) and bool(pred) and verify(gold, pred, timeout_seconds=None)
+        except Exception:  # MemoryError and RecursionError included: a failed check is a wrong answer
+            ok = False
+        replies.write("1\n" if ok else "0\n")
+        replies.flush()
+
+
+class _SymbolicWorker:
+    """One math-verify process per trainer process, killed and restarted when a check overruns.
+
+    Why a process: sympy can spin for minutes or allocate gigabytes on one answer (9^{9^{9^9}}),
+    inside C code that neither SIGALRM nor a thread can interrupt (math-verify's own timeouts use
+    SIGALRM, which also works only on the main thread). Killing a process always works.
+    The pipes are read with poll(): POSIX only, like the trainer."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.ready = False
+        self.lock = threading.Lock()
+
+    def _spawn(self) -> None:
+        root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from gpg_vl.rewards import _serve_symbolic; _serve_symbolic()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.ready = False
+
+    def _start(self) -> None:
+        """A worker that has said "ready" (spawned now, or earlier and importing meanwhile)."""
+        if self.proc is None or self.proc.poll() is not None:
+            self._spawn()
+        if not self.ready:
+            if self._reply(_WORKER_START_S) != "ready":
+                self.stop()
+                raise RuntimeError("the math-verify worker did not start (is math-verify installed?)")
+            self.ready = True
+
+    def _reply(self, timeout_s: float) -> str | None:
+        """One line from the worker, or None on timeout or when it died."""
+        fd, data = self.proc.stdout.fileno(), b""
+        waiter = select.poll()  # not select(), which fails on descriptors past 1024 in a busy trainer
+        waiter.register(fd, select.POLLIN)
+        deadline = time.monotonic() + timeout_s
+        while not data.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not waiter.poll(left * 1000):
+                return None
+            chunk = os.read(fd, 64)
+            if not chunk:
+                return None
+            data += chunk
+        return data.decode().strip()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def check(self, pred: str, gold: str, timeout_s: float) -> bool:
+        with self.lock:
+            self._start()
+            try:
+                self.proc.stdin.write((json.dumps({"pred": pred, "gold": gold}) + "\n").encode())
+                self.proc.stdin.flush()
+            except BrokenPipeError:
+                self.stop()
+                return False
+            reply = self._reply(timeout_s)
+            if reply is None:  # overran or died: the answer is wrong; a fresh worker imports meanwhile
+                self.stop()
+                self._spawn()
+            return reply == "1"
+
+
+_SYMBOLIC = _SymbolicWorker()
+atexit.register(_SYMBOLIC.stop)
+
+
+def symbolic_equal(pred: str, gold: str, timeout_s: float = 5.0) -> bool:
+    """True iff math-verify finds `pred` equal to `gold` (both LaTeX answers without the box,
+    e.g. "\\frac{\\sqrt2}{2}" and "\\sqrt{2}/2") within `timeout_s` seconds. A check that runs
+    longer, fails, or gets an empty or over-long answer is False; this function never hangs
+    and never raises, except when the worker cannot start at all (math-verify missing)."""
+    pred, gold = pred.strip(), gold.strip()
+    if not pred or not gold or len(pred) > SYMBOLIC_MAX_CHARS or len(gold) > SYMBOLIC_MAX_CHARS:
+        return False
+    return _SYMBOLIC.check(pred, gold, timeout_s)

@@ -75,17 +75,15 @@ def names_gold(answer: str, row: Row) -> bool:
     return False
 
 
-def sat_converter(seed: int, limit: int) -> Callable[[dict[str, Any], Path | None], Row | None]:
-    """convert() for SAT records; None for a row the reference left out (two images, or past
-    the first `limit` single-image rows; 0 = no limit), decided before any image is decoded."""
-    kept = 0
+def sat_converter(seed: int) -> Callable[[dict[str, Any], Path | None], Row | None]:
+    """convert() for SAT records; None for a row the reference left out (two images), decided
+    before any image is decoded. The row limit is load_rows' max_rows."""
 
     def convert(record: dict[str, Any], root: Path | None) -> Row | None:
-        nonlocal kept
         images = record["image_bytes"]
         if not isinstance(images, list) or not images:
             raise BadRowError(f"image_bytes must be a non-empty list of images, got {images!r:.80}")
-        if len(images) != 1 or (limit and kept >= limit):
+        if len(images) != 1:
             return None
         question = record["question"]
         if not isinstance(question, str) or not question.strip():
@@ -100,7 +98,6 @@ def sat_converter(seed: int, limit: int) -> Callable[[dict[str, Any], Path | Non
         # row's content, so the order is the same in every run and on every process.
         random.Random(repr((seed, question, choices))).shuffle(choices)
         listed = ", ".join(choices[:-1]) + " or " + choices[-1]  # "a, b or c", as TASKS.md gives it
-        kept += 1
         return {"image": image_ref(images[0], root), "category": str(record.get("question_type") or ""),
                 "question": f"Answer in natural language. {question.strip()} Choose between the following "
                             f"options: {listed}", "choices": choices, "answer": gold,
@@ -148,12 +145,9 @@ class ChoiceTask(Task):
             raise ValueError(f"{self.name}: option prompt must be base or instruct, got {self.options['prompt']!r}")
         self._rows: dict[str, list[Row]] = {}
 
-    def read(self, data_path: str, split: str, convert: Callable) -> list[Row]:
+    def read(self, data_path: str, split: str, convert: Callable, max_rows: int = 0) -> list[Row]:
         c = self.config
-        rows, report = load_rows(data_path, split, convert, c.on_bad_row, c.image_root)
-        rows = [r for r in rows if r is not None]
-        if not rows:
-            raise BadRowError(f"{report.source}: no usable rows in split {split!r} (rows with two images are left out)")
+        rows, _ = load_rows(data_path, split, convert, c.on_bad_row, c.image_root, max_rows)
         return [{"id": f"{self.name}-{split}-{i}", **r} for i, r in enumerate(rows)]
 
     def prompt(self, row: Row) -> Prompt:
@@ -217,8 +211,8 @@ class SatTask(ChoiceTask):
                 self._rows[split] = self.read(o["cvbench_path"], split, cvbench_convert)
             else:
                 limit = o["max_train_rows"] if split == c.train_split else 0
-                convert = sat_converter(o["seed"], limit)
-                self._rows[split] = self.read(c.data_path or str(SAMPLES / "sat"), split, convert)
+                convert = sat_converter(o["seed"])
+                self._rows[split] = self.read(c.data_path or str(SAMPLES / "sat"), split, convert, limit)
         return self._rows[split]
 
     @classmethod

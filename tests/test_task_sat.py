@@ -218,7 +218,7 @@ def test_empty_and_two_image_splits(tmp_path):
     with pytest.raises(BadRowError, match="no usable rows"):
         make(data_path=str(tmp_path)).rows("test")
     write(tmp_path, "test", [{**SAT_GOOD, "image_bytes": ["a.png", "a.png"]}])
-    with pytest.raises(BadRowError, match="two images are left out"):
+    with pytest.raises(BadRowError, match="left out 1 by the task's rules"):
         make(data_path=str(tmp_path)).rows("test")
     with pytest.raises(FileNotFoundError):
         make("cvbench").rows("train")  # CV-Bench is a test set only
