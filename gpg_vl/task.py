@@ -98,6 +98,16 @@ class Task(ABC):
         """One value per name in `reward_components`. May raise: the trainer then scores
         the completion 0 on every component and counts the failure."""
 
+    def options_with_defaults(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        """`config.options` over `defaults`; an unknown option name stops with "did you mean"."""
+        for name in self.config.options:
+            if name not in defaults:
+                close = difflib.get_close_matches(name, defaults, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"{self.name}: unknown option {name!r}.{hint} "
+                                 f"Known options: {', '.join(defaults) or 'none'}")
+        return {**defaults, **self.config.options}
+
     def weight(self, component: str) -> float:
         return self.reward_weights.get(component, 1.0)
 

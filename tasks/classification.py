@@ -9,7 +9,6 @@ the answer must name exactly one class, and that class must be the gold one.
 from __future__ import annotations
 
 import colorsys
-import difflib
 import json
 import random
 import re
@@ -172,11 +171,7 @@ class ClassificationTask(Task):
 
     def __init__(self, config: TaskConfig):
         super().__init__(config)
-        for name in config.options:
-            if name not in OPTIONS:
-                close = difflib.get_close_matches(name, OPTIONS, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"{self.name}: unknown option {name!r}.{hint} Known options: {', '.join(OPTIONS)}")
+        self.options_with_defaults(dict.fromkeys(OPTIONS))
         self.data_path = config.data_path or str(REPO / "assets" / "samples" / self.name)
         self._matcher: ClassMatcher | None = None
         self._rows: dict[str, list[Row]] = {}

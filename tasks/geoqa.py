@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import io
 import json
 import math
@@ -24,13 +23,7 @@ DEFAULTS: dict[str, Any] = {"symbolic_timeout_s": 5.0}
 LATEX = {"°": "", "√": "\\sqrt", "π": "\\pi", "∠": ""}
 
 
-def _checked_options(options: dict[str, Any]) -> dict[str, Any]:
-    for name in options:
-        if name not in DEFAULTS:
-            close = difflib.get_close_matches(name, DEFAULTS, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"geoqa: unknown option {name!r}.{hint} Known options: {', '.join(DEFAULTS)}")
-    opts = {**DEFAULTS, **options}
+def _checked_options(opts: dict[str, Any]) -> dict[str, Any]:
     t = opts["symbolic_timeout_s"]
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
         raise ValueError(f"geoqa: option symbolic_timeout_s must be a number of seconds > 0, got {t!r}")
@@ -94,7 +87,7 @@ class GeoQATask(Task):
 
     def __init__(self, config: TaskConfig):
         super().__init__(config)
-        self.timeout_s = float(_checked_options(config.options)["symbolic_timeout_s"])
+        self.timeout_s = float(_checked_options(self.options_with_defaults(DEFAULTS))["symbolic_timeout_s"])
         self._rows: dict[str, list[Row]] = {}
 
     def rows(self, split: str) -> list[Row]:

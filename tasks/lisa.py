@@ -10,7 +10,6 @@ Two on-disk forms of the same data:
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import random
@@ -31,7 +30,6 @@ BORDER_SLACK = 1.0  # px: annotation tools round polygon points to just outside 
 PROMPT = ("Output the bounding box in the image corresponding to the instruction: {instruction}\n"
           "Think first inside <think> </think> tags, then give the box inside <answer> </answer> tags, "
           "as \"<think> reasoning </think> <answer>(x1,y1),(x2,y2)</answer>\".")
-OPTIONS: dict[str, Any] = {}
 
 # Sample scenes: flat polygons on grey, named by colour in the instructions.
 COLOURS = {"red": (210, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 210), "yellow": (230, 200, 30)}
@@ -162,10 +160,7 @@ class LisaTask(Task):
 
     def __init__(self, config: TaskConfig):
         super().__init__(config)
-        for name in config.options:
-            close = difflib.get_close_matches(name, OPTIONS, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"lisa: unknown option {name!r}.{hint} The lisa task takes no options.")
+        self.options_with_defaults({})  # lisa takes no options
         self.data_path = config.data_path or str(SAMPLE)
         self._rows: dict[str, list[Row]] = {}
 

@@ -9,7 +9,6 @@ Two recipes of the paper, one registered name each:
 
 from __future__ import annotations
 
-import difflib
 import math
 import random
 from pathlib import Path
@@ -84,12 +83,7 @@ class _MathTask(Task):
         self._rows: dict[str, list[Row]] = {}
 
     def _checked_timeout(self, options: dict[str, Any]) -> float:
-        for name in options:
-            if name not in DEFAULTS:
-                close = difflib.get_close_matches(name, DEFAULTS, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"{self.name}: unknown option {name!r}.{hint} Known options: {', '.join(DEFAULTS)}")
-        t = {**DEFAULTS, **options}["symbolic_timeout_s"]
+        t = self.options_with_defaults(DEFAULTS)["symbolic_timeout_s"]
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
             raise ValueError(f"{self.name}: option symbolic_timeout_s must be a number of seconds > 0, got {t!r}")
         return float(t)

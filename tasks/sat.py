@@ -8,7 +8,6 @@ shape, {id, image, question, choices, answer, letter, category}, scored the same
 
 from __future__ import annotations
 
-import difflib
 import json
 import random
 import re
@@ -134,13 +133,7 @@ class ChoiceTask(Task):
 
     def __init__(self, config: TaskConfig):
         super().__init__(config)
-        for name in config.options:
-            if name not in self.defaults:
-                close = difflib.get_close_matches(name, self.defaults, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"{self.name}: unknown option {name!r}.{hint} "
-                                 f"Known options: {', '.join(self.defaults)}")
-        self.options = {**self.defaults, **config.options}
+        self.options = self.options_with_defaults(self.defaults)
         if self.options["prompt"] not in PROMPTS:
             raise ValueError(f"{self.name}: option prompt must be base or instruct, got {self.options['prompt']!r}")
         self._rows: dict[str, list[Row]] = {}

@@ -7,7 +7,6 @@ multi-token answers slowly (ENVIRONMENT.md, "Learning from random init").
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import math
 import random
@@ -83,7 +82,7 @@ class ShapesTask(Task):
 
     def __init__(self, config: TaskConfig):
         super().__init__(config)
-        opts = {**DEFAULTS, **self._checked_names(config.options)}
+        opts = self.options_with_defaults(DEFAULTS)
         kinds = opts["kinds"]
         if isinstance(kinds, str):  # a command-line override: "count,colour"
             kinds = [k.strip() for k in kinds.split(",") if k.strip()]
@@ -106,15 +105,6 @@ class ShapesTask(Task):
         self.format_weight = float(fw)
         self.cells = self._cell_boxes()
         self._rows: dict[str, list[Row]] = {}
-
-    @staticmethod
-    def _checked_names(options: dict[str, Any]) -> dict[str, Any]:
-        for name in options:
-            if name not in DEFAULTS:
-                close = difflib.get_close_matches(name, DEFAULTS, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"shapes: unknown option {name!r}.{hint} Known options: {', '.join(DEFAULTS)}")
-        return options
 
     def weight(self, component: str) -> float:
         # reward_weights is a class attribute; the format weight is an option of this instance.

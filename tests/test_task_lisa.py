@@ -135,7 +135,7 @@ def test_every_sample_gold_box_scores_high_in_each_convention(convention):
 
 
 def test_no_options():
-    with pytest.raises(ValueError, match="takes no options"):
+    with pytest.raises(ValueError, match="Known options: none"):
         make(options={"prompt": "base"})
 
 
