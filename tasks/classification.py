@@ -25,8 +25,8 @@ from gpg_vl.task import Prompt, Row, ScoreContext, Task, TaskConfig, register_ta
 REPO = Path(__file__).resolve().parent.parent
 CLASSES_FILE = "classes.txt"
 OPTIONS = ("classes_file",)
-# The reference's instruction, verbatim: its missing space after "tags." and "species name"
-# for every data set included, so that prompts tokenize as they did in the paper's runs.
+# The reference's instruction, verbatim (its missing space after "tags." and its "species
+# name" on every data set included), so that prompts tokenize as in the paper's runs.
 FORMAT_INSTRUCTION = ("Output the thinking process in <think> </think> and final answer in <answer> </answer> "
                       "tags.The output answer format should be as follows:\n<think> ... </think> "
                       "<answer>species name</answer>\nPlease strictly follow the format.")
