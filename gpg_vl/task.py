@@ -37,6 +37,11 @@ ENTRY_POINT_GROUP = "gpg_vl.tasks"
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "tasks"
 
 
+def image_chat(text: str) -> list[dict[str, Any]]:
+    """The usual vision prompt: one user turn holding the image, then the text."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
 class UnknownTaskError(LookupError):
     """A task name that is neither registered nor a plugin file."""
 

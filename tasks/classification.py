@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 from gpg_vl.datafiles import BadRowError, load_rows, open_image
 from gpg_vl.rewards import extract_tag, has_think_answer_format
-from gpg_vl.task import Prompt, Row, ScoreContext, Task, TaskConfig, register_task
+from gpg_vl.task import Prompt, Row, ScoreContext, Task, TaskConfig, image_chat, register_task
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES_FILE = "classes.txt"
@@ -249,7 +249,7 @@ class ClassificationTask(Task):
         # Deviation: the reference's evaluation also put a literal "<image>\n" before the text.
         # Deviation: a `problem` without the instruction gets it (the reference used it bare).
         text = problem if "<answer>" in problem else f"{problem or self.question()}\n{FORMAT_INSTRUCTION}"
-        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return image_chat(text)
 
     def images(self, row: Row) -> list[Image.Image]:
         return [open_image(row["image"], None)]

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from gpg_vl.datafiles import BadRowError, load_rows, open_image
 from gpg_vl.rewards import extract_tag, has_think_answer_format, normalize_number, numbers_match, symbolic_equal
-from gpg_vl.task import Prompt, Row, ScoreContext, Task, TaskConfig, register_task
+from gpg_vl.task import Prompt, Row, ScoreContext, Task, TaskConfig, image_chat, register_task
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "assets" / "samples" / "geoqa"
 TEMPLATE = ("{question}  Output the thinking process in <think> </think> and final answer (number) "
@@ -98,7 +98,7 @@ class GeoQATask(Task):
 
     def prompt(self, row: Row) -> Prompt:
         text = TEMPLATE.format(question=row["question"])
-        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return image_chat(text)
 
     def images(self, row: Row) -> list[Image.Image]:
         return [open_image(row["image"], None)]

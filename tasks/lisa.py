@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from gpg_vl.datafiles import SUFFIXES, BadRowError, LoadReport, load_rows, open_image
 from gpg_vl.rewards import box_giou, box_iou, extract_tag, has_think_answer_format, parse_box
-from gpg_vl.task import Prompt, Row, ScoreContext, Task, TaskConfig, register_task
+from gpg_vl.task import Prompt, Row, ScoreContext, Task, TaskConfig, image_chat, register_task
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "assets" / "samples" / "lisa"
@@ -180,7 +180,7 @@ class LisaTask(Task):
 
     def prompt(self, row: Row) -> Prompt:
         text = PROMPT.format(instruction=row["instruction"])
-        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return image_chat(text)
 
     def images(self, row: Row) -> list[Image.Image]:
         return [open_image(row["image"], None)]

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from gpg_vl.datafiles import BadRowError, load_rows, open_image
 from gpg_vl.rewards import exact_choice, extract_tag, has_think_answer_format
-from gpg_vl.task import Prompt, Row, ScoreContext, Task, TaskConfig, register_task
+from gpg_vl.task import Prompt, Row, ScoreContext, Task, TaskConfig, image_chat, register_task
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "assets" / "samples"
@@ -147,7 +147,7 @@ class ChoiceTask(Task):
         if self.options["prompt"] == "base":
             return BASE_PROMPT.format(question=row["question"])
         text = row["question"] + INSTRUCT_SUFFIX
-        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return image_chat(text)
 
     def images(self, row: Row) -> list[Image.Image]:
         return [open_image(row["image"], None)]

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from PIL import Image, ImageDraw
 
 from gpg_vl.rewards import box_iou, parse_box
-from gpg_vl.task import Prompt, Row, ScoreContext, Task, TaskConfig, register_task
+from gpg_vl.task import Prompt, Row, ScoreContext, Task, TaskConfig, image_chat, register_task
 
 KINDS = ("count", "colour", "location")
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 220), "yellow": (240, 210, 20)}
@@ -193,7 +193,7 @@ class ShapesTask(Task):
 
     def prompt(self, row: Row) -> Prompt:
         text = row["question"] + INSTRUCTIONS[row["kind"]]
-        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return image_chat(text)
 
     def images(self, row: Row) -> list[Image.Image]:
         image = Image.new("RGB", tuple(row["image_size"]), BACKGROUND)
