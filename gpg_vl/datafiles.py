@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 from PIL import Image, UnidentifiedImageError
 
-from gpg_vl.task import Row
+from gpg_vl.task import Row, Task
 
 SUFFIXES = (".json", ".jsonl", ".parquet")
 
@@ -130,6 +130,14 @@ def open_image(value: Any, image_root: Path | None) -> Image.Image:
         return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
         raise BadRowError(f"unreadable image {value if isinstance(value, str) else ''}: {err}") from err
+
+
+class ImageRowTask(Task):
+    """A task whose rows keep one image under "image" (a path or {"bytes"} checked at load),
+    opened again each time it is shown."""
+
+    def images(self, row: Row) -> list[Image.Image]:
+        return [open_image(row["image"], None)]
 
 
 def load_rows(data_path: str, split: str, convert: Callable[[dict[str, Any], Path | None], Row | None],

@@ -241,8 +241,7 @@ class Trainer:
     # ---- update -------------------------------------------------------------------------
     def update(self, batch: StepBatch, lr: float) -> dict[str, float]:
         """Micro-batches of log-probs and loss, one optimizer step at learning rate `lr`."""
-        t, a = self.cfg.train, self.cfg.algorithm
-        acc, G = self.accelerator, self.G
+        t, acc = self.cfg.train, self.accelerator
         n_valid = self._global_sum(sum(g.valid for g in batch.groups))
         n_groups = self.local_groups * acc.num_processes
         inv_alpha = alg.inverse_alpha(int(n_valid), n_groups) if self.alpha_on else 1.0

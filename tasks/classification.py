@@ -18,9 +18,9 @@ from typing import Any, ClassVar, Sequence
 
 from PIL import Image, ImageDraw
 
-from gpg_vl.datafiles import BadRowError, load_rows, open_image
+from gpg_vl.datafiles import BadRowError, ImageRowTask, load_rows, open_image
 from gpg_vl.rewards import extract_tag, has_think_answer_format
-from gpg_vl.task import Prompt, Row, ScoreContext, Task, TaskConfig, image_chat, register_task
+from gpg_vl.task import Prompt, Row, ScoreContext, TaskConfig, image_chat, register_task
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES_FILE = "classes.txt"
@@ -136,7 +136,7 @@ def sample_image(index: int, count: int, rng: random.Random) -> Image.Image:
     return image
 
 
-class ClassificationTask(Task):
+class ClassificationTask(ImageRowTask):
     """Name the class of the object in one image (Visual-RFT's 4-shot fine-grained sets).
 
     Data (`task.data_path`): the hub set of the task, or a local folder with `train.jsonl` and
@@ -250,9 +250,6 @@ class ClassificationTask(Task):
         # Deviation: a `problem` without the instruction gets it (the reference used it bare).
         text = problem if "<answer>" in problem else f"{problem or self.question()}\n{FORMAT_INSTRUCTION}"
         return image_chat(text)
-
-    def images(self, row: Row) -> list[Image.Image]:
-        return [open_image(row["image"], None)]
 
     def score(self, completion: str, row: Row, ctx: ScoreContext) -> dict[str, float]:
         fmt = float(has_think_answer_format(completion))

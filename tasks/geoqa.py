@@ -11,9 +11,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from gpg_vl.datafiles import BadRowError, load_rows, open_image
+from gpg_vl.datafiles import BadRowError, ImageRowTask, load_rows, open_image
 from gpg_vl.rewards import extract_tag, has_think_answer_format, normalize_number, numbers_match, symbolic_equal
-from gpg_vl.task import Prompt, Row, ScoreContext, Task, TaskConfig, image_chat, register_task
+from gpg_vl.task import Prompt, Row, ScoreContext, TaskConfig, image_chat, register_task
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "assets" / "samples" / "geoqa"
 TEMPLATE = ("{question}  Output the thinking process in <think> </think> and final answer (number) "
@@ -63,7 +63,7 @@ def convert(record: dict[str, Any], root: Path | None) -> Row:
 
 
 @register_task("geoqa")
-class GeoQATask(Task):
+class GeoQATask(ImageRowTask):
     """GeoQA: a geometry diagram and a question; the answer is a number (often an angle, "140°").
 
     Data: GeoQA as R1-V published it. Train (hub `leonardPKU/GEOQA_R1V_Train_8K`, or a local
@@ -99,9 +99,6 @@ class GeoQATask(Task):
     def prompt(self, row: Row) -> Prompt:
         text = TEMPLATE.format(question=row["question"])
         return image_chat(text)
-
-    def images(self, row: Row) -> list[Image.Image]:
-        return [open_image(row["image"], None)]
 
     def matches(self, answer: str, gold: str) -> bool:
         if numbers_match(answer, gold):

@@ -19,9 +19,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from gpg_vl.datafiles import SUFFIXES, BadRowError, LoadReport, load_rows, open_image
+from gpg_vl.datafiles import BadRowError, ImageRowTask, LoadReport, SUFFIXES, load_rows, open_image
 from gpg_vl.rewards import box_giou, box_iou, extract_tag, has_think_answer_format, parse_box
-from gpg_vl.task import Prompt, Row, ScoreContext, Task, TaskConfig, image_chat, register_task
+from gpg_vl.task import Prompt, Row, ScoreContext, TaskConfig, image_chat, register_task
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "assets" / "samples" / "lisa"
@@ -133,7 +133,7 @@ def load_reasonseg(folder: Path, on_bad_row: str) -> list[Row]:
 
 
 @register_task("lisa")
-class LisaTask(Task):
+class LisaTask(ImageRowTask):
     """Reasoning grounding (ReasonSeg / LISA): one training sample per instruction.
 
     Data (`task.data_path`, default the bundled sample): processed rows with fields
@@ -181,9 +181,6 @@ class LisaTask(Task):
     def prompt(self, row: Row) -> Prompt:
         text = PROMPT.format(instruction=row["instruction"])
         return image_chat(text)
-
-    def images(self, row: Row) -> list[Image.Image]:
-        return [open_image(row["image"], None)]
 
     def score(self, completion: str, row: Row, ctx: ScoreContext) -> dict[str, float]:
         fmt = float(has_think_answer_format(completion))

@@ -17,9 +17,9 @@ from typing import Any, Callable
 
 from PIL import Image, ImageDraw
 
-from gpg_vl.datafiles import BadRowError, load_rows, open_image
+from gpg_vl.datafiles import BadRowError, ImageRowTask, load_rows, open_image
 from gpg_vl.rewards import exact_choice, extract_tag, has_think_answer_format
-from gpg_vl.task import Prompt, Row, ScoreContext, Task, TaskConfig, image_chat, register_task
+from gpg_vl.task import Prompt, Row, ScoreContext, TaskConfig, image_chat, register_task
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "assets" / "samples"
@@ -125,7 +125,7 @@ def cvbench_convert(record: dict[str, Any], root: Path | None) -> Row:
             "choices": choices, "answer": choices[LETTERS.index(letter)], "letter": letter}
 
 
-class ChoiceTask(Task):
+class ChoiceTask(ImageRowTask):
     """Shared prompt, images and score of sat and cvbench (see their docstrings)."""
 
     reward_components = ("accuracy", "format")
@@ -148,9 +148,6 @@ class ChoiceTask(Task):
             return BASE_PROMPT.format(question=row["question"])
         text = row["question"] + INSTRUCT_SUFFIX
         return image_chat(text)
-
-    def images(self, row: Row) -> list[Image.Image]:
-        return [open_image(row["image"], None)]
 
     def score(self, completion: str, row: Row, ctx: ScoreContext) -> dict[str, float]:
         # The base prompt ends in "<think>", so the model's text continues inside it.

@@ -2,8 +2,6 @@
 
 import io
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -151,10 +149,5 @@ def test_train_layout_and_empty_split(tmp_path):
         task.rows("test")
 
 
-def test_tiny_preset_trains(tmp_path):
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "gpg_vl.cli", "train", "--config", "tasks/presets/geoqa_tiny.yaml",
-           f"train.output_dir={out}", "train.tensorboard=false", "train.plot=false"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (out / "metrics.jsonl").stat().st_size > 0
+def test_tiny_preset_trains(tmp_path, train_preset):
+    assert train_preset("geoqa_tiny", tmp_path / "run")

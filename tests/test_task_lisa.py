@@ -2,8 +2,6 @@
 golden completions, box conventions, bad rows and a tiny training run."""
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -219,12 +217,8 @@ def test_bad_raw_reasonseg_files(tmp_path):
         make(data_path=str(tmp_path)).rows("train")
 
 
-def test_tiny_preset_trains(tmp_path):
-    cmd = [sys.executable, "-m", "gpg_vl.cli", "train", "--config", "tasks/presets/lisa_tiny.yaml",
-           f"train.output_dir={tmp_path}", "train.tensorboard=false", "train.plot=false"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+def test_tiny_preset_trains(tmp_path, train_preset):
+    records = train_preset("lisa_tiny", tmp_path)
     assert any("eval/iou" in r for r in records) and any("reward/accuracy" in r for r in records)
 
 

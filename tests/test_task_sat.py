@@ -3,8 +3,6 @@ base prompt carries the image placeholder), golden completions, bad rows, a tiny
 
 import json
 import random
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -230,12 +228,8 @@ def test_cvbench_without_prompt_field(tmp_path):
     assert row["question"] == CV_GOOD["prompt"] and (row["answer"], row["letter"]) == ("1", "A")
 
 
-def test_tiny_preset_trains(tmp_path):
-    cmd = [sys.executable, "-m", "gpg_vl.cli", "train", "--config", "tasks/presets/sat_tiny.yaml",
-           f"train.output_dir={tmp_path}", "train.tensorboard=false", "train.plot=false"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+def test_tiny_preset_trains(tmp_path, train_preset):
+    records = train_preset("sat_tiny", tmp_path)
     assert any("eval/accuracy" in r for r in records) and any("reward/format" in r for r in records)
 
 
