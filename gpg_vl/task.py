@@ -82,6 +82,11 @@ class Task(ABC):
     name: ClassVar[str] = ""
     reward_components: ClassVar[tuple[str, ...]] = ("accuracy",)
     reward_weights: ClassVar[dict[str, float]] = {}
+    # How `gpg-vl eval` reports the task (gpg_vl/evaluate.py): the mean of one component over a
+    # split, in percent, under the paper's name, optionally one column per value of a row field.
+    metric_component: ClassVar[str] = "accuracy"
+    metric_label: ClassVar[str] = "accuracy"
+    metric_group: ClassVar[str] = ""
 
     def __init__(self, config: TaskConfig):
         self.config = config
@@ -102,6 +107,16 @@ class Task(ABC):
     def score(self, completion: str, row: Row, ctx: ScoreContext) -> dict[str, float]:
         """One value per name in `reward_components`. May raise: the trainer then scores
         the completion 0 on every component and counts the failure."""
+
+    def answer(self, completion: str, row: Row, ctx: ScoreContext) -> Any:
+        """What `score` reads as the completion's answer (JSON-serialisable), recorded by the
+        evaluation; None when nothing parses, and by default (a task need not say)."""
+        return None
+
+    def gold_mask(self, row: Row) -> Any:
+        """The row's gold segmentation mask for gIoU/cIoU, a uint8 array [H, W] (1 = object,
+        0 = background, 255 = ignored), or None when the data has none (the default)."""
+        return None
 
     def options_with_defaults(self, defaults: dict[str, Any]) -> dict[str, Any]:
         """`config.options` over `defaults`; an unknown option name stops with "did you mean"."""

@@ -251,16 +251,17 @@ class ClassificationTask(ImageRowTask):
         text = problem if "<answer>" in problem else f"{problem or self.question()}\n{FORMAT_INSTRUCTION}"
         return image_chat(text)
 
-    def score(self, completion: str, row: Row, ctx: ScoreContext) -> dict[str, float]:
-        fmt = float(has_think_answer_format(completion))
+    def answer(self, completion: str, row: Row, ctx: ScoreContext) -> str | None:
+        """The one class of the list that the last <answer> names; None for no tags, no class or several."""
         # Deviation: no <answer> tags scores 0 (the reference then matched the whole completion).
         # Deviation: the last <answer> counts, not the first (as extract_tag does for every task).
-        answer = extract_tag(completion, "answer")
-        if answer is None:
-            return {"accuracy": 0.0, "format": fmt}
+        said = extract_tag(completion, "answer")
         # Deviation: one class of the list, not a substring either way ("" and "A or B" scored 1).
-        named = self.matcher.named(answer)
-        return {"accuracy": float(named == row["answer"]), "format": fmt}
+        return None if said is None else self.matcher.named(said)
+
+    def score(self, completion: str, row: Row, ctx: ScoreContext) -> dict[str, float]:
+        return {"accuracy": float(self.answer(completion, row, ctx) == row["answer"]),
+                "format": float(has_think_answer_format(completion))}
 
     # ------------------------------------------------------------ bundled sample
 

@@ -109,8 +109,12 @@ class GeoQATask(ImageRowTask):
             answer, gold = answer.replace(uni, tex), gold.replace(uni, tex)
         return symbolic_equal(answer, gold, self.timeout_s)
 
+    def answer(self, completion: str, row: Row, ctx: ScoreContext) -> str | None:
+        """The content of the last <answer>...</answer>."""
+        return extract_tag(completion, "answer")
+
     def score(self, completion: str, row: Row, ctx: ScoreContext) -> dict[str, float]:
-        answer = extract_tag(completion, "answer")
+        answer = self.answer(completion, row, ctx)
         # Deviation: no exact-string fallback as in the reference; numbers and symbols cover it.
         correct = bool(answer) and self.matches(answer, row["answer"])
         return {"accuracy": float(correct), "format": float(has_think_answer_format(completion))}

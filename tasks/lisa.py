@@ -17,9 +17,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from gpg_vl.datafiles import BadRowError, ImageRowTask, LoadReport, SUFFIXES, load_rows, open_image
+from gpg_vl.eval_metrics import MASK_IGNORE
 from gpg_vl.rewards import box_giou, box_iou, extract_tag, has_think_answer_format, parse_box
 from gpg_vl.task import Prompt, Row, ScoreContext, TaskConfig, image_chat, register_task
 
@@ -76,7 +78,19 @@ def convert(record: dict[str, Any], root: Path | None) -> Row:
         raise BadRowError("empty instruction")
     size = open_image(image, root).size
     box = checked_box(record["boxes"], size)
-    return {"image": image_ref(image, root), "image_size": list(size), "instructions": instructions, "box": box}
+    return {"image": image_ref(image, root), "image_size": list(size), "instructions": instructions, "box": box,
+            "shapes": record.get("shapes")}
+
+
+def polygon_points(shape: Any) -> list[tuple[float, float]]:
+    """The [x, y] points of a labelme polygon, at least 3."""
+    try:
+        points = [(float(p[0]), float(p[1])) for p in shape["points"]]
+    except (TypeError, ValueError, IndexError, KeyError) as err:
+        raise BadRowError(f"polygon points must be [x, y] pairs ({err})") from err
+    if len(points) < 3:
+        raise BadRowError(f"a polygon needs at least 3 points, got {len(points)}")
+    return points
 
 
 def polygon_box(shapes: Any) -> list[float]:
@@ -87,14 +101,23 @@ def polygon_box(shapes: Any) -> list[float]:
     targets = [s for s in shapes if isinstance(s, dict) and s.get("label") != "ignore"]
     if not targets:
         raise BadRowError("no target polygon in shapes")
-    points = targets[0].get("points")
-    try:
-        xs, ys = [float(p[0]) for p in points], [float(p[1]) for p in points]
-    except (TypeError, ValueError, IndexError) as err:
-        raise BadRowError(f"polygon points must be [x, y] pairs ({err})") from err
-    if len(xs) < 3:
-        raise BadRowError(f"a polygon needs at least 3 points, got {len(xs)}")
+    xs, ys = zip(*polygon_points(targets[0]))
     return [min(xs), min(ys), max(xs), max(ys)]
+
+
+def polygon_mask(shapes: list[dict[str, Any]], size: tuple[int, int]) -> np.ndarray:
+    """The gold mask [H, W] of ReasonSeg polygons, drawn as LISA's evaluation draws it: largest
+    polygon first, "ignore" polygons as MASK_IGNORE, every other one (but "flag") as 1."""
+    mask = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(mask)
+
+    def area(shape: dict[str, Any]) -> float:
+        xy = polygon_points(shape)
+        return abs(sum(x1 * y2 - x2 * y1 for (x1, y1), (x2, y2) in zip(xy, xy[1:] + xy[:1]))) / 2
+
+    for shape in sorted((s for s in shapes if s.get("label") != "flag"), key=area, reverse=True):
+        draw.polygon(polygon_points(shape), fill=MASK_IGNORE if shape.get("label") == "ignore" else 1)
+    return np.asarray(mask, dtype=np.uint8)
 
 
 def reasonseg_record(annotation: Path) -> dict[str, Any]:
@@ -108,7 +131,8 @@ def reasonseg_record(annotation: Path) -> dict[str, Any]:
         raise BadRowError(f"annotation is not JSON ({err})") from err
     if not isinstance(data, dict):
         raise BadRowError("annotation must be a JSON object with text and shapes")
-    return {"image_path": images[0].name, "instruction": data["text"], "boxes": polygon_box(data["shapes"])}
+    return {"image_path": images[0].name, "instruction": data["text"], "boxes": polygon_box(data["shapes"]),
+            "shapes": data["shapes"]}
 
 
 def load_reasonseg(folder: Path, on_bad_row: str) -> list[Row]:
@@ -140,7 +164,8 @@ class LisaTask(ImageRowTask):
     `image_path` (or `image`), `instruction` (a string, or a list: one row each) and `boxes`
     ([x1, y1, x2, y2] or a list of boxes, first used; original-image pixels); or the raw
     ReasonSeg layout `<data_path>/<split>/*.json` + same-name images (task.image_root unused),
-    box = the first polygon not labelled "ignore".
+    box = the first polygon not labelled "ignore". The raw layout's polygons (or a `shapes`
+    field of processed rows, labelme polygons) also give the gold mask for gIoU/cIoU.
     Bad rows: missing field, missing or unreadable image, box outside the image (more than
     1 px: nearer is clipped) or with x2 <= x1 or y2 <= y1.
 
@@ -157,6 +182,7 @@ class LisaTask(ImageRowTask):
 
     reward_components = ("accuracy", "format", "iou")
     reward_weights = {"iou": 0.0}
+    metric_component, metric_label = "iou", "mIoU"
 
     def __init__(self, config: TaskConfig):
         super().__init__(config)
@@ -174,7 +200,7 @@ class LisaTask(ImageRowTask):
                 images, _ = load_rows(self.data_path, split, convert, c.on_bad_row, c.image_root)
             self._rows[split] = [
                 {"id": f"lisa-{split}-{i}-{k}", "image": g["image"], "image_size": g["image_size"],
-                 "instruction": text, "box": g["box"]}
+                 "instruction": text, "box": g["box"], "shapes": g["shapes"]}
                 for i, g in enumerate(images) for k, text in enumerate(g["instructions"])]
         return self._rows[split]
 
@@ -182,19 +208,29 @@ class LisaTask(ImageRowTask):
         text = PROMPT.format(instruction=row["instruction"])
         return image_chat(text)
 
-    def score(self, completion: str, row: Row, ctx: ScoreContext) -> dict[str, float]:
-        fmt = float(has_think_answer_format(completion))
+    def answer(self, completion: str, row: Row, ctx: ScoreContext) -> list[float] | None:
+        """The first box of the last <answer>, converted to pixels of the original image by the
+        model's box convention; None when no box parses inside the tags."""
         # Deviation: the last complete <answer> is read (the reference's regex took the first one).
         answer = extract_tag(completion, "answer")
-        # Deviation: no 2.0 for an exact string match and no symbolic check (reference artefacts).
         box = parse_box(answer) if answer is not None else None
-        if box is None:
+        return None if box is None else list(ctx.boxes.to_pixels(box, _size(row)))
+
+    def score(self, completion: str, row: Row, ctx: ScoreContext) -> dict[str, float]:
+        fmt = float(has_think_answer_format(completion))
+        # Deviation: no 2.0 for an exact string match and no symbolic check (reference artefacts).
+        pred = self.answer(completion, row, ctx)
+        if pred is None:
             return {"accuracy": 0.0, "format": fmt, "iou": 0.0}
-        size = (int(row["image_size"][0]), int(row["image_size"][1]))
-        pred, gold = ctx.boxes.to_pixels(box, size), tuple(row["box"])
+        size, gold = _size(row), tuple(row["box"])
         # Clipped to the image (box_giou's image_size): a box spilling past the border loses
         # nothing for the part no object can occupy.
-        return {"accuracy": box_giou(pred, gold, size) + 1.0, "format": fmt, "iou": box_iou(pred, gold, size)}
+        return {"accuracy": box_giou(tuple(pred), gold, size) + 1.0, "format": fmt,
+                "iou": box_iou(tuple(pred), gold, size)}
+
+    def gold_mask(self, row: Row) -> np.ndarray | None:
+        """The object mask of a raw ReasonSeg row (its polygons); None for processed rows."""
+        return None if row.get("shapes") is None else polygon_mask(row["shapes"], _size(row))
 
     @classmethod
     def make_samples(cls, folder: Path, train: int = 10, test: int = 8) -> None:
@@ -220,6 +256,10 @@ class LisaTask(ImageRowTask):
                 lines += [json.dumps({"image_path": f"images/{name}.png", "instruction": t, "boxes": [box]})
                           for t in texts]
             (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _size(row: Row) -> tuple[int, int]:
+    return int(row["image_size"][0]), int(row["image_size"][1])
 
 
 def _scene(rng: random.Random) -> tuple[Image.Image, list[tuple[str, list[list[int]]]]]:

@@ -76,6 +76,7 @@ class _MathTask(Task):
     """Shared by both recipes: rows from local files or the hub, options, the symbolic check."""
 
     sample: str = ""
+    metric_label = "pass@1"
 
     def __init__(self, config: TaskConfig):
         super().__init__(config)
@@ -102,9 +103,13 @@ class _MathTask(Task):
     def prompt(self, row: Row) -> Prompt:
         return row["prompt"]
 
-    def correct(self, completion: str, row: Row) -> bool:
+    def answer(self, completion: str, row: Row, ctx: ScoreContext) -> str | None:
+        """The content of the last \\boxed{}."""
         # Deviation: the last \boxed{} is the answer; the reference let math-verify pick one.
-        answer = last_boxed(completion)
+        return last_boxed(completion)
+
+    def correct(self, completion: str, row: Row, ctx: ScoreContext) -> bool:
+        answer = self.answer(completion, row, ctx)
         return answer is not None and symbolic_equal(answer, row["answer"], self.timeout_s)
 
 
@@ -146,7 +151,7 @@ class MathTask(_MathTask):
 
     def score(self, completion: str, row: Row, ctx: ScoreContext) -> dict[str, float]:
         # Deviation: a gold answer math-verify cannot parse scores 0 (the reference gave 1).
-        return {"accuracy": float(self.correct(completion, row))}
+        return {"accuracy": float(self.correct(completion, row, ctx))}
 
     @classmethod
     def make_samples(cls, folder: Path, per_split: int = 10, seed: int = 0) -> None:
@@ -197,7 +202,7 @@ class MathRSTask(_MathTask):
         return {"prompt": prompt, "answer": gold_answer(record, ("solution",))}
 
     def score(self, completion: str, row: Row, ctx: ScoreContext) -> dict[str, float]:
-        correct = self.correct(completion, row)
+        correct = self.correct(completion, row, ctx)
         return {"accuracy": float(correct), "format": float(completion.count(THINK_END) == 1),
                 "cosine": cosine_scaled(correct, len(completion))}
 

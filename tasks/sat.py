@@ -129,6 +129,7 @@ class ChoiceTask(ImageRowTask):
     """Shared prompt, images and score of sat and cvbench (see their docstrings)."""
 
     reward_components = ("accuracy", "format")
+    metric_group = "category"  # CV-Bench reports Count, Relation, Depth, Distance and their total
     defaults: dict[str, Any] = {"prompt": "base"}
 
     def __init__(self, config: TaskConfig):
@@ -149,12 +150,18 @@ class ChoiceTask(ImageRowTask):
         text = row["question"] + INSTRUCT_SUFFIX
         return image_chat(text)
 
-    def score(self, completion: str, row: Row, ctx: ScoreContext) -> dict[str, float]:
+    def _full_text(self, completion: str) -> str:
         # The base prompt ends in "<think>", so the model's text continues inside it.
-        text = "<think>" + completion if self.options["prompt"] == "base" else completion
-        answer = extract_tag(text, "answer")
+        return "<think>" + completion if self.options["prompt"] == "base" else completion
+
+    def answer(self, completion: str, row: Row, ctx: ScoreContext) -> str | None:
+        """The content of the last <answer>...</answer>."""
+        return extract_tag(self._full_text(completion), "answer")
+
+    def score(self, completion: str, row: Row, ctx: ScoreContext) -> dict[str, float]:
+        answer = self.answer(completion, row, ctx)
         return {"accuracy": float(answer is not None and names_gold(answer, row)),
-                "format": float(has_think_answer_format(text))}
+                "format": float(has_think_answer_format(self._full_text(completion)))}
 
 
 @register_task("sat")
