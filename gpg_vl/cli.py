@@ -1,4 +1,4 @@
-"""The `gpg-vl` command: train, tasks, plot, build-tiny. No logic of its own."""
+"""The `gpg-vl` command: train, eval, eval-merge, tasks, plot, build-tiny. No logic of its own."""
 
 from __future__ import annotations
 
@@ -15,6 +15,85 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append("train.resume=latest")
     train(load_config(args.config, overrides))
     return 0
+
+
+# gpg-vl eval: EvalSettings fields whose option is named otherwise, and those given as repeated KEY=VALUE.
+EVAL_FLAGS = {"output_dir": "--output", "benchmarks": "--data", "splits": "--split", "options": "--option"}
+EVAL_METAVARS = {"benchmarks": "NAME=PATH", "options": "KEY=VALUE", "splits": "SPLIT[,SPLIT]"}
+
+
+def _key_values(items: list[str], flag: str, parse) -> dict:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} takes KEY=VALUE, got {item!r}")
+        pairs[key] = parse(value)
+    return pairs
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import yaml
+
+    from gpg_vl.eval_metrics import comparison_table
+    from gpg_vl.evaluate import EvalError, EvalSettings, evaluate
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalSettings)}
+    try:
+        values["benchmarks"] = _key_values(args.benchmarks, "--data", str)
+        values["options"] = _key_values(args.options, "--option", yaml.safe_load)
+    except (ValueError, yaml.YAMLError) as err:
+        raise EvalError(str(err)) from err
+    values["splits"] = [s.strip() for s in args.splits.split(",")]
+    settings = EvalSettings(**values)
+    summary = evaluate(settings)
+    if summary is not None:
+        print(comparison_table([summary]) + f"\nrecords, summary and table in {settings.output()}")
+    return 0
+
+
+def _eval_merge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gpg_vl.evaluate import merge_summaries
+
+    table = merge_summaries(args.summaries, args.names.split(",") if args.names else None)
+    if args.out:
+        Path(args.out).write_text(table, encoding="utf-8")
+    print(table, end="")
+    return 0
+
+
+def _eval_parser(sub) -> None:
+    import dataclasses
+
+    from gpg_vl.config import field_docs
+    from gpg_vl.evaluate import EvalSettings
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on a task's test split(s): the paper's metrics",
+                       description="Greedy by default; records, summary.json and table.md go to --output, and a "
+                                   "rerun there continues where it stopped. Several processes: scripts/eval_task.sh.")
+    docs = field_docs(EvalSettings)
+    for f in dataclasses.fields(EvalSettings):
+        flag = EVAL_FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            e.add_argument(flag, dest=f.name, required=True, help=docs[f.name])
+        elif f.name in ("benchmarks", "options"):
+            e.add_argument(flag, dest=f.name, action="append", default=[], metavar=EVAL_METAVARS[f.name],
+                           help=docs[f.name])
+        elif f.name == "splits":
+            e.add_argument(flag, dest=f.name, default="test", metavar=EVAL_METAVARS[f.name], help=docs[f.name])
+        else:
+            e.add_argument(flag, dest=f.name, type=type(f.default), default=f.default,
+                           help=f"{docs[f.name]} (default {f.default!r})")
+    e.set_defaults(func=_eval)
+    m = sub.add_parser("eval-merge", help="one comparison table of several evaluations (base, GRPO, GPG, ...)")
+    m.add_argument("summaries", nargs="+", help="summary.json files or evaluation output folders")
+    m.add_argument("--names", help="comma-separated row labels, one per summary (default: each summary's name)")
+    m.add_argument("--out", help="also write the markdown table to this file")
+    m.set_defaults(func=_eval_merge)
 
 
 def _tasks(args: argparse.Namespace) -> int:
@@ -58,6 +137,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
     t.add_argument("overrides", nargs="*", help="section.option=value (YAML values)")
     t.set_defaults(func=_train)
+    _eval_parser(sub)
     k = sub.add_parser("tasks", help="list the registered task names, one a line")
     k.set_defaults(func=_tasks)
     pl = sub.add_parser("plot", help="plot reward and accuracy of a run against step")
@@ -73,6 +153,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from gpg_vl.config import ConfigError
+    from gpg_vl.evaluate import EvalError
     from gpg_vl.task import UnknownTaskError
 
     p = parser()
@@ -85,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
-    except (ConfigError, UnknownTaskError, FileNotFoundError) as err:
+    except (ConfigError, EvalError, UnknownTaskError, FileNotFoundError, ImportError) as err:
         print(f"gpg-vl: error: {err}", file=sys.stderr)
         return 2
 

@@ -111,6 +111,11 @@ class ModelAdapter:
     def _suppressed_token_ids(self) -> list[int]:
         return []
 
+    def render(self, prompt: Prompt) -> str:
+        """The text the model reads for `prompt`: a chat with the family's template and the
+        generation prompt (image placeholders before the processor expands them); a str as it is."""
+        raise NotImplementedError
+
     def build_inputs(self, prompts: list[Prompt], images: list[list[Image.Image]]) -> dict[str, torch.Tensor]:
         """Left-padded CPU batch: input_ids [N, P], attention_mask [N, P], and for vision
         models what the processor returns for the images (pixel_values, image_grid_thw,

@@ -94,7 +94,7 @@ class QwenVLAdapter(ModelAdapter):
         ids |= {getattr(self.model.config, field, None) for field in VISION_ID_FIELDS}
         return sorted(int(i) for i in ids if i is not None)
 
-    def _render(self, prompt: Prompt) -> str:
+    def render(self, prompt: Prompt) -> str:
         if isinstance(prompt, str):
             return prompt
         return self.processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
@@ -102,7 +102,7 @@ class QwenVLAdapter(ModelAdapter):
     def build_inputs(self, prompts: list[Prompt], images: list[list[Image.Image]]) -> dict[str, torch.Tensor]:
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
-        texts = [self._render(p) for p in prompts]
+        texts = [self.render(p) for p in prompts]
         flat = [img for row in images for img in row]
         batch = self.processor(text=texts, images=flat or None, padding=True, return_tensors="pt")
         return dict(batch)

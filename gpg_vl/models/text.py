@@ -38,6 +38,11 @@ class TextAdapter(ModelAdapter):
         tokenizer = load_tokenizer(path, trust_remote_code)
         return cls(model, tokenizer, tokenizer, PixelBoxes())
 
+    def render(self, prompt: Prompt) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        return self.tokenizer.apply_chat_template(_text_only(prompt), tokenize=False, add_generation_prompt=True)
+
     def build_inputs(self, prompts: list[Prompt], images: list[list[Image.Image]]) -> dict[str, torch.Tensor]:
         if any(images):
             raise ValueError(f"{self.model_type} is a text-only model but the batch has images")
@@ -48,8 +53,7 @@ class TextAdapter(ModelAdapter):
                 rows.append(self.tokenizer(prompt)["input_ids"])
             else:
                 # The chat template writes any BOS token itself.
-                text = self.tokenizer.apply_chat_template(_text_only(prompt), tokenize=False, add_generation_prompt=True)
-                rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+                rows.append(self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"])
         batch = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
