@@ -49,8 +49,9 @@ def completion_mask(completion_ids: Tensor, eos_ids: list[int]) -> Tensor:
 # Every setting that reshapes the sampling distribution, at its neutral value. transformers
 # fills any setting left unset from the checkpoint's generation_config (Qwen's instruct
 # checkpoints ship a repetition penalty, for one); REINFORCE must sample from pi itself.
+# min_new_tokens = 0 overrides any min_length too (setting both makes transformers warn).
 NEUTRAL_SAMPLING = dict(repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
-                        min_length=0, min_new_tokens=0, typical_p=1.0, min_p=0.0, epsilon_cutoff=0.0,
+                        min_new_tokens=0, typical_p=1.0, min_p=0.0, epsilon_cutoff=0.0,
                         eta_cutoff=0.0, diversity_penalty=0.0, num_beams=1, num_return_sequences=1)
 
 
@@ -74,9 +75,8 @@ def generate(model, adapter, task: Task, rows: list[Row], group_size: int, *, gr
 
     `model` is the unwrapped model (generation needs no gradient sync).
     """
-    prompts = [task.prompt(row) for row in rows for _ in range(group_size)]
-    images = [task.images(row) for row in rows for _ in range(group_size)]
-    inputs = adapter.build_inputs(prompts, images)
+    inputs = adapter.build_group_inputs([task.prompt(row) for row in rows], [task.images(row) for row in rows],
+                                        group_size)
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
     out = model.generate(**inputs, generation_config=sampling_config(

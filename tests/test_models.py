@@ -98,6 +98,20 @@ def test_image_token_count(adapters, family, size):
     assert int(inputs["mm_token_type_ids"].sum()) == n_pads
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_group_inputs_equal_repeated_prompts(adapters, family):
+    adapter = adapters[family]
+    prompts, images = two_prompts(adapter)
+    if adapter.has_vision:  # a sample with two images of other sizes
+        prompts.append(chat("Which is larger?", 2))
+        images.append([Image.new("RGB", (300, 41), "white"), Image.new("RGB", (56, 56), "black")])
+    grouped = adapter.build_group_inputs(prompts, images, 3)
+    expected = adapter.build_inputs([p for p in prompts for _ in range(3)], [i for i in images for _ in range(3)])
+    assert grouped.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(grouped[key], expected[key]), key
+
+
 def test_smart_resize_matches_transformers():
     for min_pixels, max_pixels in [(3136, 12544), (3136, 401408), (256 * 28 * 28, 1280 * 28 * 28)]:
         for h in (1, 13, 28, 41, 56, 99, 224, 333, 640, 1080, 2001):

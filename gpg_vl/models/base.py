@@ -123,6 +123,18 @@ class ModelAdapter:
         a str prompt is used as it is."""
         raise NotImplementedError
 
+    def build_group_inputs(self, prompts: list[Prompt], images: list[list[Image.Image]],
+                           repeats: int) -> dict[str, torch.Tensor]:
+        """`build_inputs` of the prompts each repeated `repeats` times in a row (a group's G
+        samples), with each prompt rendered and each image processed once."""
+        return self.repeat_samples(self.build_inputs(prompts, images), [len(i) for i in images], repeats)
+
+    def repeat_samples(self, batch: dict[str, torch.Tensor], images_per_sample: list[int],
+                       repeats: int) -> dict[str, torch.Tensor]:
+        """Each sample of a built batch `repeats` times in a row. Here every input has one
+        entry per sample; vision families also repeat their per-image inputs."""
+        return {k: v.repeat_interleave(repeats, dim=0) for k, v in batch.items()}
+
     def forward_inputs(self, prompt_inputs: dict[str, Any], completion_ids: torch.Tensor,
                        completion_mask: torch.Tensor) -> dict[str, Any]:
         """The prompt batch extended by the completions, on the completions' device."""

@@ -24,6 +24,7 @@ from gpg_vl.task import Prompt
 # Tokens that only the processor may place: a sampled image pad makes the next forward
 # fail ("Image features and image tokens do not match").
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+IMAGE_KEYS = ("pixel_values", "image_grid_thw")  # one entry per image (per patch), not per sample
 VISION_ID_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
@@ -106,6 +107,21 @@ class QwenVLAdapter(ModelAdapter):
         flat = [img for row in images for img in row]
         batch = self.processor(text=texts, images=flat or None, padding=True, return_tensors="pt")
         return dict(batch)
+
+    def repeat_samples(self, batch: dict[str, torch.Tensor], images_per_sample: list[int],
+                       repeats: int) -> dict[str, torch.Tensor]:
+        # pixel_values holds each image's patches one after another (t*h*w rows per image).
+        per_image = {k: batch[k] for k in IMAGE_KEYS if k in batch}
+        per_sample = {k: v for k, v in batch.items() if k not in IMAGE_KEYS}
+        out = super().repeat_samples(per_sample, images_per_sample, repeats)
+        if per_image:
+            grids = per_image["image_grid_thw"]  # [n_images, 3]
+            patches = per_image["pixel_values"].split(grids.prod(-1).tolist())
+            starts = [sum(images_per_sample[:i]) for i in range(len(images_per_sample))]
+            order = [start + j for start, n in zip(starts, images_per_sample) for _ in range(repeats) for j in range(n)]
+            out["image_grid_thw"] = grids[order]
+            out["pixel_values"] = torch.cat([patches[i] for i in order])
+        return out
 
 
 class Qwen2VLAdapter(QwenVLAdapter):
