@@ -113,6 +113,8 @@ class TrainConfig:
     """Passes over the training rows (resampling consumes rows faster than steps)."""
     max_steps: int = 0
     """Stop after this many optimizer steps; 0 = run the epochs."""
+    max_samples: int = 0
+    """Stop once this many completions were generated, resampling included, over all ranks (an equal budget for algorithms that generate different amounts per step); before max_steps and epochs; 0 = off."""
     mixed_precision: str = "auto"
     """auto (bf16 on GPU, none on CPU), no, bf16 or fp16."""
     logprob_chunk: int = 64
@@ -317,8 +319,10 @@ def validate(cfg: Config) -> None:
     _check(t.lr_schedule in ("linear", "cosine", "constant"),
            f"train.lr_schedule must be linear, cosine or constant, got {t.lr_schedule!r}")
     _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)")
-    _check(t.epochs > 0 or t.max_steps > 0, "set train.epochs > 0 or train.max_steps > 0")
-    _check(t.max_steps >= 0 and t.max_grad_norm >= 0, "train.max_steps and train.max_grad_norm must be >= 0")
+    _check(t.epochs > 0 or t.max_steps > 0 or t.max_samples > 0,
+           "set train.epochs > 0, train.max_steps > 0 or train.max_samples > 0")
+    _check(min(t.max_steps, t.max_samples, t.max_grad_norm) >= 0,
+           "train.max_steps, train.max_samples and train.max_grad_norm must be >= 0")
     _check(t.mixed_precision in ("auto", "no", "bf16", "fp16"),
            f"train.mixed_precision must be auto, no, bf16 or fp16, got {t.mixed_precision!r}")
     _check(t.logprob_chunk >= 1 and t.log_every >= 1 and t.keep_checkpoints >= 1,

@@ -146,7 +146,10 @@ class Trainer:
         acc.register_for_checkpointing(self.stream, self.state)
 
         total_batches = math.ceil(t.epochs * self.stream.batches_per_epoch)
-        self.budget = ("steps", t.max_steps) if t.max_steps > 0 else ("batches", total_batches)
+        if t.max_samples > 0:
+            self.budget = ("samples", t.max_samples)
+        else:
+            self.budget = ("steps", t.max_steps) if t.max_steps > 0 else ("batches", total_batches)
         resume_from = resolve_resume(t.output_dir, t.resume)
         if resume_from is None and list_checkpoints(t.output_dir):
             raise FileExistsError(f"{t.output_dir} holds checkpoints of an earlier run: pass --resume "
@@ -175,18 +178,25 @@ class Trainer:
         return rows[:c.eval_size] if c.eval_size else rows
 
     # ---- progress of the budget -------------------------------------------------------
-    def progress(self) -> float:
-        kind, total = self.budget
-        done = self.state.step if kind == "steps" else self.stream.batches_consumed
-        return min(1.0, done / total)
+    def used(self) -> int:
+        """How much of the budget is spent, in the budget's unit."""
+        kind, _ = self.budget
+        return {"steps": self.state.step, "batches": self.stream.batches_consumed,
+                "samples": self.state.samples_generated}[kind]
 
-    def data_left(self) -> bool:
+    def progress(self) -> float:
+        return min(1.0, self.used() / self.budget[1])
+
+    def data_left(self, pending_samples: int = 0) -> bool:
+        """Whether another generation round fits the budget, `pending_samples` being
+        generated this step already (over all ranks)."""
         kind, total = self.budget
+        if kind == "samples":
+            return self.state.samples_generated + pending_samples < total
         return kind == "steps" or self.stream.batches_consumed < total
 
     def finished(self) -> bool:
-        kind, total = self.budget
-        return self.state.step >= total if kind == "steps" else not self.data_left()
+        return self.used() >= self.budget[1]
 
     # ---- collect: generation, scoring and beta_th resampling ------------------------------
     def _generate_round(self) -> tuple[list[Group], int, int, float]:
@@ -227,7 +237,8 @@ class Trainer:
             trainable = self._global_sum(min(len(buffer), self.local_groups))
             if trainable >= need:
                 break
-            if rounds >= self.cfg.algorithm.max_resample_rounds or not self.data_left():
+            pending = len(generated) * self.G * self.accelerator.num_processes
+            if rounds >= self.cfg.algorithm.max_resample_rounds or not self.data_left(pending):
                 exhausted = True  # train on what there is; the metrics say so
                 break
         filler = [g for g in groups if not g.valid]  # invalid groups of the last round
@@ -281,9 +292,9 @@ class Trainer:
 
     def _micro_loss(self, micro: list[Group], inv_alpha: float) -> tuple[Tensor, alg.LossStats]:
         a, G, dev = self.cfg.algorithm, self.G, self.accelerator.device
-        prompts = [self.task.prompt(g.row) for g in micro for _ in range(G)]
-        images = [self.task.images(g.row) for g in micro for _ in range(G)]
-        inputs = {k: v.to(dev) for k, v in self.adapter.build_inputs(prompts, images).items()}
+        inputs = self.adapter.build_group_inputs([self.task.prompt(g.row) for g in micro],
+                                                 [self.task.images(g.row) for g in micro], G)
+        inputs = {k: v.to(dev) for k, v in inputs.items()}
         ids = pad_stack([g.completion_ids for g in micro], self.adapter.pad_token_id).to(dev)  # [N, T]
         mask = pad_stack([g.completion_mask for g in micro], 0).to(dev)  # [N, T]
         rewards = torch.cat([g.rewards for g in micro]).to(dev)  # [N]
@@ -375,9 +386,8 @@ class Trainer:
 
         t, acc = self.cfg.train, self.accelerator
         kind, total = self.budget
-        done = self.state.step if kind == "steps" else self.stream.batches_consumed
-        bar = tqdm(total=total, initial=done, unit="step" if kind == "steps" else "batch",
-                   disable=not acc.is_main_process, dynamic_ncols=True)
+        unit = {"steps": "step", "batches": "batch", "samples": "sample"}[kind]
+        bar = tqdm(total=total, initial=self.used(), unit=unit, disable=not acc.is_main_process, dynamic_ncols=True)
         last_eval: dict[str, float] = {}
         if self.state.step == 0 and self.eval_rows:
             last_eval = self._evaluate_and_report(bar)
@@ -392,7 +402,7 @@ class Trainer:
             self.state.samples_generated = int(metrics["samples_generated"])
             metrics["step_time"] = time.perf_counter() - start
             self.logger.log(self.state.step, metrics)
-            bar.update(1 if kind == "steps" else self.stream.batches_consumed - bar.n)
+            bar.update(self.used() - bar.n)
             bar.set_postfix(step=self.state.step, reward=f"{metrics['reward/mean']:.3f}",
                             valid=f"{metrics['valid_fraction']:.2f}")
             if acc.is_main_process and self.state.step % t.log_every == 0:

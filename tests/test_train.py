@@ -79,6 +79,21 @@ def test_two_cpu_processes_resample_in_lock_step(tmp_path):
     assert resampled, "the test task should force at least one resampling round"
 
 
+def test_sample_budget_stops_resampling_and_training_at_the_budget(tmp_path):
+    out = tmp_path / "budget"
+    per_round = 2 * 2 * 4  # prompts_per_device * grad_accum * group_size
+    done = subprocess.run(train_cmd(out, *coin_args(1000), "train.max_samples=100", "train.log_every=1000"),
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [r for r in records(out / "metrics.jsonl") if "samples_generated" in r]
+    totals = [r["samples_generated"] for r in steps]
+    assert totals == sorted(totals) and all(t < 100 for t in totals[:-1])
+    # Resampling stops once the next round would pass the budget: one round of overshoot at most.
+    assert 100 <= totals[-1] < 100 + per_round
+    assert [r["samples_generated"] - p for r, p in zip(steps, [0] + totals)] == \
+        [r["resample_rounds"] * per_round for r in steps]
+
+
 @pytest.mark.slow
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     args = shapes_args(6) + ["train.save_every=2", "train.keep_checkpoints=5"]
