@@ -37,6 +37,14 @@ ENTRY_POINT_GROUP = "gpg_vl.tasks"
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "tasks"
 
 
+def held_out(key: str, share: int) -> bool:
+    """Whether a generated item (named by a string of its content) is in the held-out split:
+    one in `share`, decided by a stable hash, so that a scene seen in training never recurs
+    in the test split."""
+    digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+    return digest % share == 0
+
+
 def image_chat(text: str) -> list[dict[str, Any]]:
     """The usual vision prompt: one user turn holding the image, then the text."""
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]

@@ -7,7 +7,6 @@ multi-token answers slowly (ENVIRONMENT.md, "Learning from random init").
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from typing import Any, Sequence
@@ -15,7 +14,7 @@ from typing import Any, Sequence
 from PIL import Image, ImageDraw
 
 from gpg_vl.rewards import box_iou, parse_box
-from gpg_vl.task import Prompt, Row, ScoreContext, Task, TaskConfig, image_chat, register_task
+from gpg_vl.task import Prompt, Row, ScoreContext, Task, TaskConfig, held_out, image_chat, register_task
 
 KINDS = ("count", "colour", "location")
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 220), "yellow": (240, 210, 20)}
@@ -159,8 +158,7 @@ class ShapesTask(Task):
 
     def _split_of(self, shapes: list[dict[str, Any]]) -> str:
         key = repr((self.seed, self.image_size, sorted((s["box"], s["shape"], s["colour"]) for s in shapes)))
-        digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
-        return "test" if digest % TEST_SHARE == 0 else "train"
+        return "test" if held_out(key, TEST_SHARE) else "train"
 
     def _make_row(self, split: str, i: int) -> Row:
         rng = random.Random(f"shapes/{self.seed}/{split}/{i}")  # str seeds hash with sha512: stable across runs
