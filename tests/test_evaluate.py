@@ -198,3 +198,10 @@ def test_eval_merge_command(tmp_path, capsys):
     assert table == (tmp_path / "t.md").read_text() and "| gpg | 60.00 |" in table
     assert main(["eval-merge", str(tmp_path / "none.json")]) == 2
     assert "summary not found" in capsys.readouterr().err
+
+
+def test_a_training_checkpoint_folder_stands_for_its_hf_model(tmp_path):
+    (tmp_path / "step_000010" / "hf").mkdir(parents=True)
+    (tmp_path / "step_000010" / "hf" / "config.json").write_text("{}")
+    assert ev.model_path(str(tmp_path / "step_000010")) == str(tmp_path / "step_000010" / "hf")
+    assert ev.model_path("Qwen/Qwen2-VL-2B-Instruct") == "Qwen/Qwen2-VL-2B-Instruct"  # a hub name, left to the hub
