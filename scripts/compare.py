@@ -56,8 +56,8 @@ ARMS = {
 MAIN_ARMS = ("gpg", "grpo", "dr_grpo")
 ABLATION_MODEL = "qwen2_vl"
 SETTINGS = {  # generated completions per run, held-out rows, evaluation interval in steps
-    "full": dict(samples=24000, eval_size=128, eval_every=10, seeds=3),
-    "quick": dict(samples=24000, eval_size=128, eval_every=10, seeds=1),
+    "full": dict(samples=20000, eval_size=128, eval_every=20, seeds=3),
+    "quick": dict(samples=20000, eval_size=128, eval_every=20, seeds=1),
 }
 
 
@@ -234,7 +234,7 @@ def table(records: list[dict], setting: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(records: list[dict], models: list[str], tasks: list[str], arms: list[str], setting: dict, path: Path):
+def plot(records: list[dict], models: list[str], tasks: list[str], arms: list[str], path: Path):
     """One panel per task and model (and a row of ablations on the ablation model): held-out
     score against generated completions, mean over seeds with the min-max band."""
     import matplotlib
@@ -249,13 +249,15 @@ def plot(records: list[dict], models: list[str], tasks: list[str], arms: list[st
         rows.append((ABLATION_MODEL, ["gpg", *ablation] if "gpg" in arms else ablation, ", ablations"))
     rows = [row for row in rows if row[1]]
     fig, axes = plt.subplots(len(rows), len(tasks), figsize=(4.2 * len(tasks), 3.2 * len(rows)), squeeze=False)
-    grid = [setting["samples"] * i / 80 for i in range(81)]
     for (model, row_arms, note), axrow in zip(rows, axes):
         for task, ax in zip(tasks, axrow):
             for arm in row_arms:
                 curves = [heldout_curve(recs) for (m, t, a, _), recs in runs.items() if (m, t, a) == (model, task, arm)]
                 if not curves:
                     continue
+                # Up to the last evaluation: a run may pass the budget by part of its last step.
+                end = max(c[-1][0] for c in curves)
+                grid = [end * i / 80 for i in range(81)]
                 ys = [[score_at(c, x) for c in curves] for x in grid]
                 ax.plot(grid, [statistics.fmean(y) for y in ys], drawstyle="steps-post", label=f"{arm} ({len(curves)})")
                 ax.fill_between(grid, [min(y) for y in ys], [max(y) for y in ys], step="post", alpha=0.15)
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", nargs="+", choices=list(ARMS), metavar="ARM",
                    help=f"default: all of {', '.join(repr(a) for a in ARMS)} (quick: {', '.join(MAIN_ARMS)})")
     p.add_argument("--seeds", type=int, help="seeds per arm (default 3, quick 1)")
-    p.add_argument("--samples", type=int, help="generated completions per run (default 24000)")
+    p.add_argument("--samples", type=int, help="generated completions per run (default 20000)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs trained at once")
     args = p.parse_args(argv)
     setting = dict(SETTINGS["quick" if args.quick else "full"])
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     records = run_all(runs, out, setting, args.jobs)
     (out / "table.md").write_text(table(records, setting))
-    plot(records, models, args.tasks, arms, setting, out / "curves.png")
+    plot(records, models, args.tasks, arms, out / "curves.png")
     print((out / "table.md").read_text())
     print(f"wrote {out / 'table.md'}, {out / 'curves.png'} and {out / 'raw.jsonl'} "
           f"in {math.ceil(time.perf_counter() - start)} s")
