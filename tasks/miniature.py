@@ -100,9 +100,14 @@ class MiniatureTask(Task):
         self.draw(row, ImageDraw.Draw(image))
         return [image]
 
-    def score(self, completion: str, row: Row, ctx: ScoreContext) -> dict[str, float]:
+    def answer(self, completion: str, row: Row, ctx: ScoreContext) -> str | None:
+        """The digit the completion is, alone; None for anything else ("", "3 4", "three")."""
         said = completion.strip()
-        if said not in self.answers:  # "", "3 4", "three": no answer at all
+        return said if said in self.answers else None
+
+    def score(self, completion: str, row: Row, ctx: ScoreContext) -> dict[str, float]:
+        said = self.answer(completion, row, ctx)
+        if said is None:
             return {"accuracy": 0.0, "format": 0.0}
         return {"accuracy": self.accuracy(said, row), "format": 1.0}
 
@@ -160,6 +165,7 @@ class GroundTask(MiniatureTask):
 
     question = "Where is the shape? Answer with one digit."
     answers = ("1", "2", "3", "4")
+    metric_label = "mIoU"
     grid = 2
     image_size = 28
 

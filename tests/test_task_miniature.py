@@ -55,6 +55,12 @@ def test_every_answer_occurs_and_scores_full_marks(task):
 def test_malformed_completions_score_zero(task, completion):
     row = task.rows("test")[0]
     assert task.score(completion, row, CTX) == {"accuracy": 0.0, "format": 0.0}
+    assert task.answer(completion, row, CTX) is None
+
+
+def test_the_answer_is_the_digit_scored(task):
+    row = task.rows("test")[0]
+    assert task.answer(f"\n{task.answers[-1]} ", row, CTX) == task.answers[-1]
 
 
 def test_a_wrong_digit_is_well_formed_but_wrong():
