@@ -126,7 +126,9 @@ def raw_records(run: Run, metrics: list[dict], wall: float) -> list[dict]:
 
 
 def worker_init(threads: int) -> None:
-    os.environ.update(TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+    """Set before torch and transformers are imported: one BLAS pool of `threads` per worker,
+    nothing looked up online, transformers' one-time warnings kept off the shared console."""
+    os.environ.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
                       OMP_NUM_THREADS=str(threads))
 
 
