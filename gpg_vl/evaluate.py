@@ -78,10 +78,10 @@ class EvalSettings:
     """Seed of sampling; each batch is seeded from it and the batch's position."""
     dtype: str = "auto"
     """Weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16."""
-    max_pixels: int = 401408
-    """Largest image area after resizing (vision models)."""
-    min_pixels: int = 3136
-    """Smallest image area after resizing (vision models)."""
+    max_pixels: int = 0
+    """Largest image area after resizing (vision models); 0 = what the run that trained the checkpoint used (its config.yaml), else 401408."""
+    min_pixels: int = 0
+    """Smallest image area after resizing (vision models); 0 = what the run that trained the checkpoint used, else 3136."""
     pred_masks: str = ""
     """JSON file {item id: COCO RLE mask} from a segmenter prompted with the predicted boxes: adds gIoU and cIoU (lisa on the raw ReasonSeg layout, whose polygons give the gold masks)."""
 
@@ -149,6 +149,8 @@ def load_parts(s: EvalSettings) -> list[Part]:
                 rows = list(task.rows(split))
             except (FileNotFoundError, KeyError, ValueError) as err:
                 where = data or "the bundled sample"
+                if data and not Path(data).expanduser().exists():
+                    where += " (no such local path here, so it was tried as a hub name)"
                 raise EvalError(f"{s.task}: cannot read split {split!r} of {where}: {err}") from err
             parts.append(Part(name, split, data, task, rows[:s.limit] if s.limit else rows))
     return parts
@@ -170,13 +172,33 @@ def model_path(path: str) -> str:
     return path
 
 
+def pixel_limits(s: EvalSettings) -> tuple[int, int]:
+    """(min_pixels, max_pixels): as given, else as the gpg-vl run that trained the checkpoint
+    set them (a model evaluated at other sizes than it learned on sees other visual tokens),
+    else the paper's 3136 and 401408."""
+    trained: dict[str, Any] = {}
+    local = Path(s.model).expanduser().resolve()
+    folders = [local, *local.parents][:4] if local.is_dir() else []  # step_N/hf, step_N, checkpoints, the run
+    for folder in folders:
+        if (folder / "config.yaml").is_file():
+            import yaml
+
+            run = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+            if isinstance(run, dict) and {"model", "train"} <= run.keys():  # a gpg-vl run's config
+                trained = run["model"] or {}
+                break
+    return (s.min_pixels or int(trained.get("min_pixels", 3136)),
+            s.max_pixels or int(trained.get("max_pixels", 401408)))
+
+
 def load_model(s: EvalSettings, device: torch.device):
     from gpg_vl.models import load_adapter
 
     dtype = s.dtype if s.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
     path = model_path(s.model)
     try:
-        adapter = load_adapter(path, dtype=dtype, max_pixels=s.max_pixels, min_pixels=s.min_pixels)
+        min_pixels, max_pixels = pixel_limits(s)
+        adapter = load_adapter(path, dtype=dtype, max_pixels=max_pixels, min_pixels=min_pixels)
     except (OSError, ValueError) as err:
         raise EvalError(f"cannot load model {s.model!r}: {err}") from err
     adapter.model.to(device).eval()
@@ -196,8 +218,9 @@ def item_record(part: Part, index: int, row: Row, texts: list[str], adapter, ctx
         components, ok = task.safe_score(text, row, ctx)
         try:
             answer = task.answer(text, row, ctx)
-        except Exception:  # a parser failure is a recorded failure, as a reward failure is
+        except Exception:  # a parser failure is a recorded wrong answer, as a reward failure is
             answer, ok = None, False
+            components = {k: 0.0 for k in task.reward_components}
         scores.append(components)
         failed.append(not ok)
         answers.append(answer)

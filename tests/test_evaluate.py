@@ -80,7 +80,8 @@ def test_a_record_holds_the_prompt_the_parsed_box_and_the_score():
 
 
 class Brittle(Task):
-    """A reward that raises on "boom" and a parser that raises on "??"."""
+    """A reward that raises on "boom" and a parser that raises on "YES" (which the reward alone
+    would score 1)."""
 
     def rows(self, split):
         return [{"id": "only"}]
@@ -91,10 +92,10 @@ class Brittle(Task):
     def score(self, completion, row, ctx):
         if completion == "boom":
             raise RuntimeError("reward bug")
-        return {"accuracy": float(completion == "yes")}
+        return {"accuracy": float(completion.casefold() == "yes")}
 
     def answer(self, completion, row, ctx):
-        if completion == "??":
+        if completion == "YES":
             raise ValueError("parser bug")
         return completion
 
@@ -105,7 +106,7 @@ def test_a_failing_reward_or_parser_is_a_flagged_zero():
     adapter = load_adapter(str(TINY / "qwen2"))
     task = Brittle(TaskConfig(name="brittle"))
     row = task.rows("test")[0]
-    record = item_record(Part("test", "test", "", task, [row]), 0, row, ["yes", "boom", "??"], adapter,
+    record = item_record(Part("test", "test", "", task, [row]), 0, row, ["yes", "boom", "YES"], adapter,
                          ScoreContext(boxes=adapter.box_convention))
     assert [s["accuracy"] for s in record["scores"]] == [1.0, 0.0, 0.0]
     assert record["failed"] == [False, True, True] and record["answers"] == ["yes", "boom", None]
@@ -205,3 +206,13 @@ def test_a_training_checkpoint_folder_stands_for_its_hf_model(tmp_path):
     (tmp_path / "step_000010" / "hf" / "config.json").write_text("{}")
     assert ev.model_path(str(tmp_path / "step_000010")) == str(tmp_path / "step_000010" / "hf")
     assert ev.model_path("Qwen/Qwen2-VL-2B-Instruct") == "Qwen/Qwen2-VL-2B-Instruct"  # a hub name, left to the hub
+
+
+def test_pixel_limits_default_to_those_the_checkpoint_was_trained_with(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000007" / "hf").mkdir(parents=True)
+    (run / "config.yaml").write_text("model:\n  min_pixels: 784\n  max_pixels: 12544\ntrain:\n  seed: 0\n")
+    for model in (run / "checkpoints" / "step_000007", run / "checkpoints" / "step_000007" / "hf"):
+        assert ev.pixel_limits(EvalSettings(task="shapes", model=str(model))) == (784, 12544)
+        assert ev.pixel_limits(EvalSettings(task="shapes", model=str(model), max_pixels=50176)) == (784, 50176)
+    assert ev.pixel_limits(EvalSettings(task="shapes", model="Qwen/Qwen2-VL-2B-Instruct")) == (3136, 401408)
