@@ -93,12 +93,22 @@ def polygon_points(shape: Any) -> list[tuple[float, float]]:
     return points
 
 
+def _ignored(shape: dict[str, Any]) -> bool:
+    """A region ReasonSeg marks to leave out; labels are compared as LISA's loader does
+    ("ignore" anywhere in the label, any case)."""
+    return "ignore" in str(shape.get("label", "")).lower()
+
+
+def _flag(shape: dict[str, Any]) -> bool:
+    return str(shape.get("label", "")).lower() == "flag"
+
+
 def polygon_box(shapes: Any) -> list[float]:
     """The pixel box (min x, min y, max x, max y) of the first target polygon."""
     if not isinstance(shapes, list):
         raise BadRowError("shapes must be a list of polygons")
     # Deviation: ReasonSeg labels regions to leave out "ignore"; those are skipped, not taken as the target.
-    targets = [s for s in shapes if isinstance(s, dict) and s.get("label") != "ignore"]
+    targets = [s for s in shapes if isinstance(s, dict) and not _ignored(s)]
     if not targets:
         raise BadRowError("no target polygon in shapes")
     xs, ys = zip(*polygon_points(targets[0]))
@@ -115,8 +125,8 @@ def polygon_mask(shapes: list[dict[str, Any]], size: tuple[int, int]) -> np.ndar
         xy = polygon_points(shape)
         return abs(sum(x1 * y2 - x2 * y1 for (x1, y1), (x2, y2) in zip(xy, xy[1:] + xy[:1]))) / 2
 
-    for shape in sorted((s for s in shapes if s.get("label") != "flag"), key=area, reverse=True):
-        draw.polygon(polygon_points(shape), fill=MASK_IGNORE if shape.get("label") == "ignore" else 1)
+    for shape in sorted((s for s in shapes if not _flag(s)), key=area, reverse=True):
+        draw.polygon(polygon_points(shape), fill=MASK_IGNORE if _ignored(shape) else 1)
     return np.asarray(mask, dtype=np.uint8)
 
 

@@ -110,6 +110,10 @@ def test_reasonseg_polygons_give_the_gold_mask():
     assert mask.shape == (6, 6)
     assert (mask == 255).sum() == 4 and (mask == 1).sum() == 16 - 4 and mask[0, 5] == 0
     assert build_task(TaskConfig(name="lisa")).gold_mask(LISA_ROW) is None  # processed rows have no polygons
+    # Labels compare as LISA's loader compares them: any case, "ignore" anywhere in the label.
+    relabelled = [{**shapes[0]}, {**shapes[1], "label": "Ignore region"}, {**shapes[2], "label": "FLAG"}]
+    again = build_task(TaskConfig(name="lisa")).gold_mask({"image_size": [6, 6], "shapes": relabelled})
+    assert np.array_equal(again, mask)
 
 
 # ---------------------------------------------------------------- cvbench: categories and weighted total
