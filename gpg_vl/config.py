@@ -114,7 +114,7 @@ class TrainConfig:
     max_steps: int = 0
     """Stop after this many optimizer steps; 0 = run the epochs."""
     max_samples: int = 0
-    """Stop once this many completions were generated, resampling included, over all ranks (an equal budget for algorithms that generate different amounts per step); before max_steps and epochs; 0 = off."""
+    """Stop once this many completions were generated, resampling included, over all ranks (an equal budget for algorithms that generate different amounts per step); replaces the epochs, not to be set with max_steps; 0 = off."""
     mixed_precision: str = "auto"
     """auto (bf16 on GPU, none on CPU), no, bf16 or fp16."""
     logprob_chunk: int = 64
@@ -323,6 +323,8 @@ def validate(cfg: Config) -> None:
            "set train.epochs > 0, train.max_steps > 0 or train.max_samples > 0")
     _check(min(t.max_steps, t.max_samples, t.max_grad_norm) >= 0,
            "train.max_steps, train.max_samples and train.max_grad_norm must be >= 0")
+    _check(not (t.max_steps and t.max_samples),
+           "set one budget: train.max_steps (optimizer steps) or train.max_samples (generated completions)")
     _check(t.mixed_precision in ("auto", "no", "bf16", "fp16"),
            f"train.mixed_precision must be auto, no, bf16 or fp16, got {t.mixed_precision!r}")
     _check(t.logprob_chunk >= 1 and t.log_every >= 1 and t.keep_checkpoints >= 1,

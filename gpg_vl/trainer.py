@@ -188,8 +188,9 @@ class Trainer:
         return min(1.0, self.used() / self.budget[1])
 
     def data_left(self, pending_samples: int = 0) -> bool:
-        """Whether another generation round fits the budget, `pending_samples` being
-        generated this step already (over all ranks)."""
+        """Whether another generation round may start: the budget is not reached counting the
+        `pending_samples` this step generated already (over all ranks). A sample budget may
+        therefore be passed by part of one round."""
         kind, total = self.budget
         if kind == "samples":
             return self.state.samples_generated + pending_samples < total

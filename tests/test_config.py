@@ -63,3 +63,9 @@ def test_override_values_are_yaml():
     assert parse_override("train.adam_betas=[0.9, 0.95]") == ("train", "adam_betas", [0.9, 0.95])
     assert parse_override("model.path=") == ("model", "path", "")
     assert load_config(None, ["train.learning_rate=5e-4"]).train.learning_rate == 5e-4  # YAML 1.1: a string
+
+
+def test_one_budget_at_a_time():
+    with pytest.raises(ConfigError, match="set one budget"):
+        load_config(None, ["train.max_steps=10", "train.max_samples=1000"])
+    assert load_config(None, ["train.max_samples=1000"]).train.max_samples == 1000
