@@ -20,7 +20,7 @@ Written to --out (default runs/compare, or runs/compare_quick):
                the last tenth of the budget, valid-group fraction, resampling rounds per step
                and wall time (mean +- std over seeds);
   curves.png   held-out score against generated samples, mean and min-max over seeds.
-A rerun with the same --out skips the runs that finished.
+A rerun with the same --out skips the runs that finished with the same settings.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ ARMS = {
 }
 MAIN_ARMS = ("gpg", "grpo", "dr_grpo")
 ABLATION_MODEL = "qwen2_vl"
+RUN_SETTINGS = "settings.json"
 SETTINGS = {  # generated completions per run, held-out rows, evaluation interval in steps
     "full": dict(samples=20000, eval_size=128, eval_every=20, seeds=3),
     "quick": dict(samples=20000, eval_size=128, eval_every=20, seeds=1),
@@ -86,6 +87,19 @@ def overrides(run: Run, folder: Path, setting: dict) -> list[str]:
             "train.plot=false", "train.tensorboard=false", "train.log_every=1000000"]
 
 
+def run_settings(run: Run, setting: dict) -> dict:
+    """What a run's results depend on besides its name: a finished run is reused only when these match."""
+    return {"model": MODELS[run.model], "algorithm": ARMS[run.arm], "preset": PRESET.read_text(),
+            **{k: setting[k] for k in ("samples", "eval_size", "eval_every")}}
+
+
+def finished(run: Run, out: Path, setting: dict) -> bool:
+    folder = run.folder(out)
+    if not (folder / "raw.jsonl").is_file() or not (folder / RUN_SETTINGS).is_file():
+        return False
+    return json.loads((folder / RUN_SETTINGS).read_text()) == run_settings(run, setting)
+
+
 def train_one(run: Run, out: Path, setting: dict, threads: int) -> list[dict]:
     """Train one run in this process (its console output to log.txt); its raw records."""
     import torch
@@ -99,6 +113,7 @@ def train_one(run: Run, out: Path, setting: dict, threads: int) -> list[dict]:
     if folder.exists():  # an interrupted earlier attempt
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
+    (folder / RUN_SETTINGS).write_text(json.dumps(run_settings(run, setting), indent=1))
     start = time.perf_counter()
     with open(folder / "log.txt", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         train(load_config(PRESET, overrides(run, folder, setting)))
@@ -133,11 +148,11 @@ def worker_init(threads: int) -> None:
 
 
 def run_all(runs: list[Run], out: Path, setting: dict, jobs: int) -> list[dict]:
-    """Train the runs that have no results yet, `jobs` at a time; all runs' records."""
+    """Train the runs that have no results of these settings yet, `jobs` at a time; all runs' records."""
     from tqdm.auto import tqdm
 
     done = {run: run.folder(out) / "raw.jsonl" for run in runs}
-    todo = [run for run, path in done.items() if not path.exists()]
+    todo = [run for run in runs if not finished(run, out, setting)]
     threads = max(1, (os.cpu_count() or 1) // jobs)
     print(f"{len(runs)} runs of {setting['samples']} generated completions each, {len(todo)} to train, "
           f"{jobs} at a time, in {out}")

@@ -1,8 +1,8 @@
 """The paper in miniature: three synthetic vision tasks, one per reward kind of the paper.
 
 - `mini_count`: how many squares (an exact answer, like CV-Bench counting);
-- `mini_ground`: which cell of a 3 x 3 grid holds the square, rewarded by the IoU of that
-  cell with the square's box (a continuous reward, like LISA grounding);
+- `mini_ground`: which quadrant holds the square, rewarded by the IoU of that quadrant
+  with the square's box (a continuous reward, like LISA grounding);
 - `mini_classes`: which of ten hue classes fills the image (a class match among many
   classes, like the 4-shot classification sets).
 
@@ -189,8 +189,9 @@ HUES = 10
 
 @register_task("mini_classes")
 class ClassesTask(MiniatureTask):
-    """Which of ten classes: class k is a square of hue 36k degrees (+-8), of random
-    brightness and size, on black. Answer: the class digit 0-9. Accuracy: exact match."""
+    """Which of ten classes: class k is a square of hue 36k degrees (+-3.6), full saturation,
+    value 0.85-1 and 80-100% of the image's side, on black. Answer: the class digit 0-9.
+    Accuracy: exact match."""
 
     question = "Which class is this image? Answer with one digit."
     answers = tuple(str(d) for d in range(HUES))
