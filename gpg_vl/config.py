@@ -123,6 +123,8 @@ class TrainConfig:
     """Print a metrics line every this many steps."""
     eval_every: int = 0
     """Greedy evaluation on the task's eval split every this many steps; 0 = only at the end."""
+    eval_every_samples: int = 0
+    """Greedy evaluation each time this many more completions were generated (resampling included): regular points on a sample budget; 0 = off."""
     save_every: int = 0
     """Checkpoint every this many steps; 0 = only at the end."""
     keep_checkpoints: int = 2
@@ -323,6 +325,7 @@ def validate(cfg: Config) -> None:
            "set train.epochs > 0, train.max_steps > 0 or train.max_samples > 0")
     _check(min(t.max_steps, t.max_samples, t.max_grad_norm) >= 0,
            "train.max_steps, train.max_samples and train.max_grad_norm must be >= 0")
+    _check(t.eval_every >= 0 and t.eval_every_samples >= 0, "train.eval_every and train.eval_every_samples must be >= 0")
     _check(not (t.max_steps and t.max_samples),
            "set one budget: train.max_steps (optimizer steps) or train.max_samples (generated completions)")
     _check(t.mixed_precision in ("auto", "no", "bf16", "fp16"),

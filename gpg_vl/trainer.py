@@ -373,6 +373,14 @@ class Trainer:
         n = max(1.0, float(totals[-1]))
         return {f"eval/{k}": float(v) / n for k, v in zip(sums, totals[:-1])}
 
+    def eval_due(self, samples_before: int) -> bool:
+        """Whether the step just taken ends an evaluation interval: in steps, or in generated
+        completions (this step crossed a multiple of eval_every_samples)."""
+        t = self.cfg.train
+        by_step = t.eval_every > 0 and self.state.step % t.eval_every == 0
+        n = t.eval_every_samples
+        return by_step or (n > 0 and samples_before // n != self.state.samples_generated // n)
+
     def _evaluate_and_report(self, bar) -> dict[str, float]:
         values = self.evaluate()
         self.logger.log(self.state.step, values)
@@ -400,7 +408,7 @@ class Trainer:
             metrics = self.batch_metrics(batch)
             metrics.update(self.update(batch, lr))
             self.state.step += 1
-            self.state.samples_generated = int(metrics["samples_generated"])
+            samples_before, self.state.samples_generated = self.state.samples_generated, int(metrics["samples_generated"])
             metrics["step_time"] = time.perf_counter() - start
             self.logger.log(self.state.step, metrics)
             bar.update(self.used() - bar.n)
@@ -409,7 +417,7 @@ class Trainer:
             if acc.is_main_process and self.state.step % t.log_every == 0:
                 bar.write(format_line(self.state.step, metrics))
             finished = self.finished()
-            if self.eval_rows and (finished or (t.eval_every and self.state.step % t.eval_every == 0)):
+            if self.eval_rows and (finished or self.eval_due(samples_before)):
                 last_eval = self._evaluate_and_report(bar)
             if finished or (t.save_every and self.state.step % t.save_every == 0):
                 save_checkpoint(acc, self.model, self.adapter, t.output_dir, self.state.step,

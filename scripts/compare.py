@@ -56,9 +56,9 @@ ARMS = {
 MAIN_ARMS = ("gpg", "grpo", "dr_grpo")
 ABLATION_MODEL = "qwen2_vl"
 RUN_SETTINGS = "settings.json"
-SETTINGS = {  # generated completions per run, held-out rows, evaluation interval in steps
-    "full": dict(samples=20000, eval_size=128, eval_every=20, seeds=3),
-    "quick": dict(samples=20000, eval_size=128, eval_every=20, seeds=1),
+SETTINGS = {  # generated completions per run, held-out rows, evaluation interval in completions
+    "full": dict(samples=20000, eval_size=128, eval_every=1280, seeds=3),
+    "quick": dict(samples=20000, eval_size=128, eval_every=1280, seeds=1),
 }
 
 
@@ -83,7 +83,8 @@ def overrides(run: Run, folder: Path, setting: dict) -> list[str]:
     algo = [f"algorithm.{k}={json.dumps(v)}" for k, v in ARMS[run.arm].items()]
     return [f"model.path={ROOT / MODELS[run.model]}", f"task.name={run.task}", *algo,
             f"train.seed={run.seed}", f"train.output_dir={folder}", f"train.max_samples={setting['samples']}",
-            f"task.eval_size={setting['eval_size']}", f"train.eval_every={setting['eval_every']}",
+            f"task.eval_size={setting['eval_size']}", "train.eval_every=0",
+            f"train.eval_every_samples={setting['eval_every']}",
             "train.plot=false", "train.tensorboard=false", "train.log_every=1000000"]
 
 

@@ -1,12 +1,13 @@
 """Pure helpers of the trainer: the learning-rate schedule, padding, splitting into groups."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from gpg_vl.rollout import Rollout, Scored
-from gpg_vl.trainer import lr_factor, pad_stack, split_groups
+from gpg_vl.trainer import Trainer, TrainState, lr_factor, pad_stack, split_groups
 
 
 @pytest.mark.parametrize("schedule,progress,expect", [
@@ -39,3 +40,17 @@ def test_split_groups_keeps_each_prompt_with_its_completions():
     a, b = split_groups(scored, 2)
     assert a.row["id"] == "a" and a.completion_ids.tolist() == [[0, 1, 2], [3, 4, 5]] and a.valid
     assert b.row["id"] == "b" and b.rewards.tolist() == [1.0, 1.0] and not b.valid
+
+
+@pytest.mark.parametrize("every,every_samples,step,before,after,due", [
+    (0, 0, 5, 0, 640, False),
+    (5, 0, 5, 0, 640, True), (5, 0, 4, 0, 640, False),
+    (0, 1000, 3, 900, 1100, True),     # crossed 1000
+    (0, 1000, 3, 1000, 1900, False),   # 1000 was the previous step's
+    (0, 1000, 3, 1900, 3100, True),    # one evaluation for two multiples passed in one step
+    (0, 1000, 1, 0, 640, False),
+])
+def test_evaluation_points_in_steps_or_in_generated_samples(every, every_samples, step, before, after, due):
+    cfg = SimpleNamespace(train=SimpleNamespace(eval_every=every, eval_every_samples=every_samples))
+    trainer = SimpleNamespace(cfg=cfg, state=TrainState(step=step, samples_generated=after))
+    assert Trainer.eval_due(trainer, before) is due
