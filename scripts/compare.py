@@ -101,15 +101,12 @@ def finished(run: Run, out: Path, setting: dict) -> bool:
     return json.loads((folder / RUN_SETTINGS).read_text()) == run_settings(run, setting)
 
 
-def train_one(run: Run, out: Path, setting: dict, threads: int) -> list[dict]:
-    """Train one run in this process (its console output to log.txt); its raw records."""
-    import torch
-
+def train_one(run: Run, out: Path, setting: dict) -> None:
+    """Train one run in this process (its console output to log.txt) and write its raw records."""
     from gpg_vl.config import load_config
     from gpg_vl.metrics import read_metrics
     from gpg_vl.trainer import train
 
-    torch.set_num_threads(threads)
     folder = run.folder(out)
     if folder.exists():  # an interrupted earlier attempt
         shutil.rmtree(folder)
@@ -122,7 +119,6 @@ def train_one(run: Run, out: Path, setting: dict, threads: int) -> list[dict]:
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the curves are what is compared
     records = raw_records(run, read_metrics(folder / "metrics.jsonl"), wall)
     (folder / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return records
 
 
 def raw_records(run: Run, metrics: list[dict], wall: float) -> list[dict]:
@@ -160,7 +156,7 @@ def run_all(runs: list[Run], out: Path, setting: dict, jobs: int) -> list[dict]:
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), unit="run", dynamic_ncols=True)
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=worker_init,
                              initargs=(threads,)) as pool:
-        futures = {pool.submit(train_one, run, out, setting, threads): run for run in todo}
+        futures = {pool.submit(train_one, run, out, setting): run for run in todo}
         for future in as_completed(futures):
             run = futures[future]
             if future.exception() is not None:
