@@ -148,8 +148,10 @@ class Trainer:
         total_batches = math.ceil(t.epochs * self.stream.batches_per_epoch)
         if t.max_samples > 0:
             self.budget = ("samples", t.max_samples)
+        elif t.max_steps > 0:
+            self.budget = ("steps", t.max_steps)
         else:
-            self.budget = ("steps", t.max_steps) if t.max_steps > 0 else ("batches", total_batches)
+            self.budget = ("batches", total_batches)
         resume_from = resolve_resume(t.output_dir, t.resume)
         if resume_from is None and list_checkpoints(t.output_dir):
             raise FileExistsError(f"{t.output_dir} holds checkpoints of an earlier run: pass --resume "
