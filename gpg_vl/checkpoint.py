@@ -61,9 +61,10 @@ def save_checkpoint(accelerator, model, adapter, output_dir: str | Path, step: i
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    state_dict = accelerator.get_state_dict(model)
+    # The trained module wraps the Hugging Face model (gpg_vl.models.policy): its keys start "model.".
+    state_dict = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(model).items()}
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(tmp / "hf", state_dict=state_dict, safe_serialization=True)
+        adapter.model.save_pretrained(tmp / "hf", state_dict=state_dict, safe_serialization=True)
         adapter.save_processor(tmp / "hf")
         (tmp / DONE_MARKER).write_text(f"{step}\n")
         if final.exists():  # a checkpoint of the same step from an earlier, abandoned run

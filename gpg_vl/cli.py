@@ -1,4 +1,4 @@
-"""The `gpg-vl` command: train, eval, eval-merge, tasks, plot, build-tiny. No logic of its own."""
+"""The `gpg-vl` command: train, eval, eval-merge, tasks, plot, bench, build-tiny. No logic of its own."""
 
 from __future__ import annotations
 
@@ -123,6 +123,13 @@ def _build_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from gpg_vl.bench import bench
+
+    print(bench(args))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     from gpg_vl.config import help_text
 
@@ -144,6 +151,13 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dir")
     pl.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
     pl.set_defaults(func=_plot)
+    from gpg_vl.bench import add_arguments
+
+    bn = sub.add_parser("bench", help="time the training step at real shapes against its floor (and TRL)",
+                        description="Builds a real-vocabulary Qwen-VL offline, then runs each arm in its own process, "
+                                    "alternating, and prints medians, phases, peak memory and ratios.")
+    add_arguments(bn)
+    bn.set_defaults(func=_bench)
     b = sub.add_parser("build-tiny", help="build the tiny random-init models used by the demo and tests")
     b.add_argument("--out", default="assets/tiny")
     b.add_argument("--seed", type=int, default=0)

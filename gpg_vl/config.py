@@ -85,6 +85,8 @@ class RolloutConfig:
     """Top-k sampling of training rollouts; 0 = off."""
     max_new_tokens: int = 256
     """Longest completion; longer ones are truncated and keep all their tokens."""
+    max_prompt_tokens: int = 0
+    """Longest prompt, image tokens included (the paper: 1024 vision, 768 / 512 math); a longer one is skipped at load and counted in data/prompts_over_limit, never cut through its image tokens; 0 = no limit."""
 
 
 @dataclass
@@ -313,6 +315,7 @@ def validate(cfg: Config) -> None:
     _check(r.temperature > 0, "rollout.temperature must be > 0 (greedy decoding is used for evaluation only)")
     _check(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}")
     _check(r.top_k >= 0 and r.max_new_tokens >= 1, "rollout.top_k must be >= 0 and rollout.max_new_tokens >= 1")
+    _check(r.max_prompt_tokens >= 0, "rollout.max_prompt_tokens must be >= 0 (0 = no limit)")
     _check(m.dtype in ("auto", "float32", "bfloat16", "float16"),
            f"model.dtype must be auto, float32, bfloat16 or float16, got {m.dtype!r}")
     _check(0 < m.min_pixels <= m.max_pixels, "model.min_pixels must be positive and at most model.max_pixels")

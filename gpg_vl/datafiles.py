@@ -132,12 +132,25 @@ def open_image(value: Any, image_root: Path | None) -> Image.Image:
         raise BadRowError(f"unreadable image {value if isinstance(value, str) else ''}: {err}") from err
 
 
+def image_size(value: Any) -> tuple[int, int]:
+    """(width, height) of a record's image as `open_image` takes it, read from the header only."""
+    if isinstance(value, Image.Image):
+        return value.size
+    source = io.BytesIO(value["bytes"]) if isinstance(value, dict) and value.get("bytes") else (
+        value.get("path") if isinstance(value, dict) else value)
+    with Image.open(source) as image:
+        return image.size
+
+
 class ImageRowTask(Task):
     """A task whose rows keep one image under "image" (a path or {"bytes"} checked at load),
     opened again each time it is shown."""
 
     def images(self, row: Row) -> list[Image.Image]:
         return [open_image(row["image"], None)]
+
+    def image_sizes(self, row: Row) -> list[tuple[int, int]]:
+        return [image_size(row["image"])]
 
 
 def load_rows(data_path: str, split: str, convert: Callable[[dict[str, Any], Path | None], Row | None],

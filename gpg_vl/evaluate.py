@@ -208,7 +208,7 @@ def load_model(s: EvalSettings, device: torch.device):
 # ---------------------------------------------------------------- records and resume
 
 
-def item_record(part: Part, index: int, row: Row, texts: list[str], adapter, ctx: ScoreContext) -> dict[str, Any]:
+def item_record(part: Part, index: int, row: Row, prompt: str, texts: list[str], ctx: ScoreContext) -> dict[str, Any]:
     """Everything about one item: its prompt as the model read it, each completion, the answer
     the task parsed from it and its score components. A reward or parser that raises scores 0
     and is flagged in `failed`, never dropped."""
@@ -225,7 +225,7 @@ def item_record(part: Part, index: int, row: Row, texts: list[str], adapter, ctx
         failed.append(not ok)
         answers.append(answer)
     record = {"part": part.name, "index": index, "id": str(row.get("id", f"{part.name}-{index}")),
-              "prompt": adapter.render(task.prompt(row)), "completions": texts, "answers": answers,
+              "prompt": prompt, "completions": texts, "answers": answers,
               "scores": scores, "failed": failed}
     if task.metric_group:
         record["group"] = str(row.get(task.metric_group, ""))
@@ -290,17 +290,17 @@ def batches(n_rows: int, batch_size: int, rank: int, world: int) -> list[range]:
 
 
 def run_batch(s: EvalSettings, adapter, ctx: ScoreContext, part: Part, items: range) -> list[dict]:
-    from gpg_vl.rollout import generate
+    from gpg_vl.rollout import HFEngine, SamplingSettings, encode_rows, rollout
 
     if not s.greedy:  # seeded by position: the same samples however the run was split or resumed
         torch.manual_seed(zlib.crc32(f"{s.seed}/{part.name}/{items.start}".encode()))
     rows = [part.rows[i] for i in items]
-    sampling = {} if s.greedy else dict(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
-    rollout = generate(adapter.model, adapter, part.task, rows, s.samples, greedy=s.greedy,
-                       max_new_tokens=s.max_new_tokens, **sampling)
+    sampling = SamplingSettings(s.max_new_tokens, s.greedy, s.temperature or 1.0, s.top_p, s.top_k)
+    prompts = encode_rows(adapter, part.task, rows)
+    out = rollout(HFEngine(adapter), adapter, rows, prompts, s.samples, sampling)
     k = s.samples
-    return [item_record(part, i, row, rollout.texts[n * k:(n + 1) * k], adapter, ctx)
-            for n, (i, row) in enumerate(zip(items, rows))]
+    return [item_record(part, i, row, prompt.text, out.texts[n * k:(n + 1) * k], ctx)
+            for n, (i, row, prompt) in enumerate(zip(items, rows, prompts))]
 
 
 def generate_missing(s: EvalSettings, parts: list[Part], adapter, done: set, rank: int, world: int,

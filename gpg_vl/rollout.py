@@ -1,28 +1,65 @@
-"""Rollout: G sampled completions per prompt in one batched `generate` call, then scoring.
+"""Rollout: encode each prompt once, sample G completions per prompt, score them.
 
-Generation, scoring and the update are separate steps handing over typed records.
+Generation, scoring and the update are separate steps handing over typed records. The
+record of a prompt (`EncodedPrompt`: tokens, pixel values, positions) is made once, here,
+and is what generation, the loss forward and the evaluation all read.
+
+The Hugging Face engine below prefills each prompt once per group (its image through the
+vision tower once) and samples the G completions from copies of that cache, in its own
+decoding loop: a complete, explicit sampling rule, so that nothing is inherited from a
+checkpoint's generation_config (Qwen's instruct checkpoints ship a repetition penalty; a
+policy gradient must sample from pi itself).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig
+from transformers import DynamicCache
 
+from gpg_vl.models.base import EncodedPrompt, collate, continued_positions, squeeze_axes
 from gpg_vl.task import Row, ScoreContext, Task
 
+TOP_P_FIRST_K = 64  # nucleus search starts among this many most likely tokens (exact: it widens as needed)
 
-class Rollout(NamedTuple):
-    """Completions of one micro-batch: `len(rows)` groups of G, ordered group by group."""
 
-    rows: list[Row]
-    """[B_micro] the prompts' rows, one per group."""
+class SamplingSettings(NamedTuple):
+    """How completions are drawn."""
+
+    max_new_tokens: int
+    greedy: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+
+
+class Generated(NamedTuple):
+    """Completions of B prompts, G each, ordered group by group (N = B * G)."""
+
     completion_ids: Tensor
     """[N, T] generated ids, padded after the end."""
     completion_mask: Tensor
     """[N, T] 1 on every generated token up to and including the first EOS."""
+    logprobs: Tensor
+    """[N, T] log pi_T of each sampled token under the sampling policy (pi_T = softmax(logits /
+    temperature) over the whole vocabulary, as the loss computes it), 0 where the mask is 0."""
+
+
+class Rollout(NamedTuple):
+    """A micro-batch's prompts, as the model read them, and their completions."""
+
+    rows: list[Row]
+    """[B] the prompts' rows, one per group."""
+    prompts: list[EncodedPrompt]
+    """[B] the encoded prompts (tokens, pixel values, positions)."""
+    completion_ids: Tensor
+    """[N, T]"""
+    completion_mask: Tensor
+    """[N, T]"""
+    logprobs: Tensor
+    """[N, T] rollout-time log-probs of the sampled tokens."""
     texts: list[str]
     """[N] decoded completions, as the reward sees them."""
 
@@ -39,6 +76,15 @@ class Scored(NamedTuple):
     """Completions whose reward raised (scored 0)."""
 
 
+class Engine(Protocol):
+    """Samples completions for encoded prompts from the current policy."""
+
+    def generate(self, prompts: list[EncodedPrompt], group_size: int, sampling: SamplingSettings) -> Generated: ...
+
+
+# ---------------------------------------------------------------- sampling rule
+
+
 def completion_mask(completion_ids: Tensor, eos_ids: list[int]) -> Tensor:
     """[N, T] 1 up to and including the first EOS; all 1 for a truncated completion."""
     is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))  # [N, T]
@@ -46,47 +92,123 @@ def completion_mask(completion_ids: Tensor, eos_ids: list[int]) -> Tensor:
     return (~after_eos).long()
 
 
-# Every setting that reshapes the sampling distribution, at its neutral value. transformers
-# fills any setting left unset from the checkpoint's generation_config (Qwen's instruct
-# checkpoints ship a repetition penalty, for one); REINFORCE must sample from pi itself.
-# min_new_tokens = 0 overrides any min_length too (setting both makes transformers warn).
-NEUTRAL_SAMPLING = dict(repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
-                        min_new_tokens=0, typical_p=1.0, min_p=0.0, epsilon_cutoff=0.0,
-                        eta_cutoff=0.0, diversity_penalty=0.0, num_beams=1, num_return_sequences=1)
+def sample_categorical(weights: Tensor) -> Tensor:
+    """One index per row of non-negative (unnormalised) weights [N, V], by inverting the
+    cumulative sum (float64): exact, and on CPU far faster than torch.multinomial over a
+    151k-token vocabulary. A zero weight is never drawn."""
+    cdf = weights.cumsum(dim=-1, dtype=torch.float64)  # [N, V]
+    u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]  # [N, 1]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=weights.shape[-1] - 1)  # [N]
 
 
-def sampling_config(adapter, *, greedy: bool, temperature: float, top_p: float, top_k: int,
-                    max_new_tokens: int) -> GenerationConfig:
-    """The whole generation config of a rollout: nothing is inherited from the checkpoint."""
-    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p,
-                                                         top_k=top_k)
-    return GenerationConfig(
-        **NEUTRAL_SAMPLING, **sampling, max_new_tokens=max_new_tokens,
-        eos_token_id=adapter.eos_token_ids, pad_token_id=adapter.pad_token_id,
-        # A sampled vision token (<|image_pad|>, ...) breaks the next forward pass: forbid it.
-        suppress_tokens=adapter.suppressed_token_ids or None,
-    )
+def keep_top_p(weights: Tensor, top_p: float) -> Tensor:
+    """Zero every token outside the nucleus: the most likely tokens whose mass reaches top_p
+    (a token is kept while the mass of the tokens more likely than it is below top_p)."""
+    probs = weights / weights.sum(dim=-1, keepdim=True)  # [N, V]
+    k = min(TOP_P_FIRST_K, probs.shape[-1])
+    while True:
+        top = probs.topk(k, dim=-1).values  # [N, k] descending
+        if k == probs.shape[-1] or bool((top.sum(-1) >= top_p).all()):
+            break  # the nucleus of every row lies within its top k
+        k = min(probs.shape[-1], k * 4)
+    kept = (top.cumsum(-1) - top) < top_p  # [N, k]; the most likely token is always kept
+    smallest = top.masked_fill(~kept, float("inf")).amin(-1, keepdim=True)  # [N, 1]
+    return weights.masked_fill(probs < smallest, 0.0)
 
 
-@torch.no_grad()
-def generate(model, adapter, task: Task, rows: list[Row], group_size: int, *, greedy: bool = False,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256) -> Rollout:
-    """Sample `group_size` completions for each row in one `generate` call.
+def pick_tokens(logits: Tensor, sampling: SamplingSettings, suppressed: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Next tokens [N] from raw logits [N, V], and log pi_T of each (pi_T over the whole
+    vocabulary: suppression, top-k and top-p shape what is drawn, not the policy's
+    probability). Order of the rule: suppress, temperature, top-k, top-p, draw."""
+    scaled = logits.float() if sampling.greedy else logits.float() / sampling.temperature  # [N, V]
+    peak = scaled.amax(dim=-1, keepdim=True)  # [N, 1]
+    weights = torch.exp(scaled - peak)  # [N, V]
+    log_norm = peak + weights.sum(dim=-1, keepdim=True).log()  # [N, 1]
+    if suppressed is not None:
+        # A sampled vision token (<|image_pad|>, ...) breaks the next forward pass: never drawn.
+        weights = weights.masked_fill(suppressed, 0.0)
+    if sampling.greedy:
+        tokens = weights.argmax(dim=-1)
+    else:
+        if sampling.top_k and sampling.top_k < weights.shape[-1]:
+            kth = weights.topk(sampling.top_k, dim=-1).values[:, -1:]  # [N, 1]
+            weights = weights.masked_fill(weights < kth, 0.0)
+        if sampling.top_p < 1.0:
+            weights = keep_top_p(weights, sampling.top_p)
+        tokens = sample_categorical(weights)
+    logprobs = scaled.gather(-1, tokens.unsqueeze(-1)) - log_norm  # [N, 1]
+    return tokens, logprobs.squeeze(-1)
 
-    `model` is the unwrapped model (generation needs no gradient sync).
-    """
-    inputs = adapter.build_group_inputs([task.prompt(row) for row in rows], [task.images(row) for row in rows],
-                                        group_size)
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    out = model.generate(**inputs, generation_config=sampling_config(
-        adapter, greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens))
-    prompt_len = inputs["input_ids"].shape[1]
-    ids = out[:, prompt_len:]  # [N, T]
-    mask = completion_mask(ids, adapter.eos_token_ids)  # [N, T]
-    ids = ids.masked_fill(mask == 0, adapter.pad_token_id)
-    texts = adapter.decode(ids, mask)
-    return Rollout(rows, ids.cpu(), mask.cpu(), texts)
+
+# ---------------------------------------------------------------- the Hugging Face engine
+
+
+class HFEngine:
+    """Generation with the training model's own weights, through Hugging Face forward calls."""
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+        self._suppressed: Tensor | None = None
+
+    def suppressed_mask(self, vocab_size: int, device) -> Tensor | None:
+        ids = self.adapter.suppressed_token_ids
+        if not ids:
+            return None
+        if self._suppressed is None or self._suppressed.device != device or len(self._suppressed) != vocab_size:
+            self._suppressed = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self._suppressed[torch.tensor(ids, device=device)] = True
+        return self._suppressed
+
+    @torch.no_grad()
+    def generate(self, prompts: list[EncodedPrompt], group_size: int, sampling: SamplingSettings) -> Generated:
+        model, adapter = self.adapter.model, self.adapter
+        device = next(model.parameters()).device
+        batch = collate(prompts, adapter.pad_token_id).to(device)
+        # Prefill once per prompt (image included), then G copies of its cache.
+        cache = DynamicCache(config=model.config)
+        out = model(**batch.model_inputs(), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(group_size)
+        logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)  # [N, V]
+        n, p, t_max = logits.shape[0], batch.input_ids.shape[1], sampling.max_new_tokens
+        attention = torch.cat([batch.attention_mask.repeat_interleave(group_size, dim=0),
+                               batch.attention_mask.new_ones(n, t_max)], dim=1)  # [N, P + T_max]
+        start = batch.next_position.repeat_interleave(group_size)  # [N]
+        eos = torch.tensor(adapter.eos_token_ids, device=device)
+        suppressed = self.suppressed_mask(logits.shape[-1], device)
+        ids = torch.full((n, t_max), adapter.pad_token_id, dtype=torch.long, device=device)
+        mask = torch.zeros((n, t_max), dtype=torch.long, device=device)
+        logprobs = torch.zeros((n, t_max), dtype=torch.float32, device=device)
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        for t in range(t_max):
+            tokens, lp = pick_tokens(logits, sampling, suppressed)
+            ids[:, t] = tokens.masked_fill(done, adapter.pad_token_id)
+            mask[:, t] = (~done).long()
+            logprobs[:, t] = lp.masked_fill(done, 0.0)
+            done |= torch.isin(tokens, eos)
+            if bool(done.all()) or t + 1 == t_max:
+                break
+            positions = continued_positions(start, t, 1, batch.position_ids.shape[0])  # [A, N, 1]
+            out = model(input_ids=ids[:, t:t + 1], attention_mask=attention[:, :p + t + 1],
+                        position_ids=squeeze_axes(positions), past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1]
+        length = t + 1
+        return Generated(ids[:, :length].cpu(), mask[:, :length].cpu(), logprobs[:, :length].cpu())
+
+
+# ---------------------------------------------------------------- rollout and scoring
+
+
+def encode_rows(adapter, task: Task, rows: list[Row]) -> list[EncodedPrompt]:
+    """Each row's prompt and images, encoded once (each image opened and decoded once)."""
+    return adapter.encode_batch([task.prompt(row) for row in rows], [task.images(row) for row in rows])
+
+
+def rollout(engine: Engine, adapter, rows: list[Row], prompts: list[EncodedPrompt], group_size: int,
+            sampling: SamplingSettings) -> Rollout:
+    """`group_size` completions of each encoded prompt, decoded for the reward."""
+    out = engine.generate(prompts, group_size, sampling)
+    texts = adapter.decode(out.completion_ids, out.completion_mask)
+    return Rollout(rows, prompts, out.completion_ids, out.completion_mask, out.logprobs, texts)
 
 
 def score(task: Task, rollout: Rollout, ctx: ScoreContext, group_size: int) -> Scored:

@@ -111,6 +111,12 @@ class Task(ABC):
         """The row's images, in the order of the image placeholders (none for text tasks)."""
         return []
 
+    def image_sizes(self, row: Row) -> list[tuple[int, int]]:
+        """(width, height) of each image of the row, for counting prompt tokens before any
+        image is processed. This default decodes the images; a task whose images are files
+        can read the sizes from their headers."""
+        return [image.size for image in self.images(row)]
+
     @abstractmethod
     def score(self, completion: str, row: Row, ctx: ScoreContext) -> dict[str, float]:
         """One value per name in `reward_components`. May raise: the trainer then scores

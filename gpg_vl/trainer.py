@@ -1,110 +1,72 @@
 """The training loop, top to bottom.
 
 One optimizer step:
-    draw prompts -> generate G per prompt -> score -> count valid groups over all ranks
-    -> [resample while the trainable valid fraction is under beta_th] -> assemble the batch
-    (valid groups first, invalid filler) -> alpha from what is trained -> micro-batches of
-    log-probs and loss -> backward, clip, step -> metrics, evaluation, checkpoint.
+    draw prompts -> encode each once -> generate G per prompt -> score -> count valid groups
+    over all ranks -> [resample while the trainable valid fraction is under beta_th] ->
+    assemble the batch (valid groups first, invalid filler) -> alpha from what is trained ->
+    micro-batches of log-probs (each prompt once per group) and loss -> backward, clip, step
+    -> metrics, evaluation, checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from collections import defaultdict
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from gpg_vl import algorithm as alg
-from gpg_vl.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
+from gpg_vl import build
+from gpg_vl.checkpoint import save_checkpoint
 from gpg_vl.config import Config, to_dict
 from gpg_vl.data import PromptStream
 from gpg_vl.metrics import PLOT_FILE, MetricsLogger, format_line, plot_curves, truncate_after
-from gpg_vl.rollout import Scored, generate, score
-from gpg_vl.task import Row, ScoreContext, Task, build_task
+from gpg_vl.models.base import collate
+from gpg_vl.models.policy import PolicyLogprobs
+from gpg_vl.records import Group, GroupStats, StepBatch, TrainState, pad_stack, split_groups
+from gpg_vl.rollout import HFEngine, SamplingSettings, encode_rows, rollout, score
+from gpg_vl.schedule import Budget, Counters, eval_due, lr_factor
+from gpg_vl.task import ScoreContext, Task, build_task
 
 
-class Group(NamedTuple):
-    """The G completions of one prompt, with their rewards."""
+class PhaseTimer:
+    """Seconds spent in each phase of a step (encode, generate, score, forward, backward,
+    optimizer). On a GPU the device is synchronised at each boundary, so that a phase is
+    charged for its own kernels."""
 
-    row: Row
-    completion_ids: Tensor  # [G, T]
-    completion_mask: Tensor  # [G, T]
-    rewards: Tensor  # [G]
-    components: dict[str, Tensor]  # name -> [G]
+    def __init__(self, device: torch.device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.seconds: dict[str, float] = defaultdict(float)
 
-    @property
-    def valid(self) -> bool:
-        return bool(alg.valid_groups(self.rewards, len(self.rewards))[0])
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        self.sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.seconds[phase] += time.perf_counter() - start
 
-
-class StepBatch(NamedTuple):
-    """What one optimizer step trains on this rank, and how it was collected."""
-
-    groups: list[Group]  # prompts_per_device * grad_accum groups, valid first
-    rounds: int  # generation rounds used (same on every rank)
-    exhausted: bool  # the round limit or the data budget ended resampling below beta_th
-    generated: list[Group]  # every group generated this step on this rank, all rounds
-    generated_tokens: int
-    reward_failures: int
-    generate_time: float
-
-
-@dataclass
-class TrainState:
-    """Counters saved with each checkpoint."""
-
-    step: int = 0
-    samples_generated: int = 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "samples_generated": self.samples_generated}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.samples_generated = state["step"], state["samples_generated"]
-
-
-def split_groups(scored: Scored, group_size: int) -> list[Group]:
-    r = scored.rollout
-    return [Group(row, r.completion_ids[i * group_size:(i + 1) * group_size],
-                  r.completion_mask[i * group_size:(i + 1) * group_size],
-                  scored.rewards[i * group_size:(i + 1) * group_size],
-                  {k: v[i * group_size:(i + 1) * group_size] for k, v in scored.components.items()})
-            for i, row in enumerate(r.rows)]
-
-
-def pad_stack(tensors: list[Tensor], value: int) -> Tensor:
-    width = max(t.shape[1] for t in tensors)
-    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors])
-
-
-def lr_factor(progress: float, warmup: float, schedule: str) -> float:
-    """Learning-rate multiplier at `progress` in [0, 1] of the training budget."""
-    if progress < warmup:
-        return progress / warmup
-    rest = (progress - warmup) / max(1e-12, 1.0 - warmup)
-    if schedule == "linear":
-        return max(0.0, 1.0 - rest)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, rest)))
-    return 1.0
+    def take(self) -> dict[str, float]:
+        """time/<phase> of the step just taken, and a fresh start for the next."""
+        out = {f"time/{k}": v for k, v in self.seconds.items()}
+        self.seconds.clear()
+        return out
 
 
 class Trainer:
     def __init__(self, cfg: Config):
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
-
-        from gpg_vl.models import load_adapter
 
         self.cfg = cfg
         t, a = cfg.train, cfg.algorithm
-        mixed = t.mixed_precision if t.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
-        self.accelerator = acc = Accelerator(gradient_accumulation_steps=t.grad_accum, mixed_precision=mixed)
+        self.accelerator = acc = build.make_accelerator(t)
         set_seed(t.seed, device_specific=True)  # each rank samples its own completions
         self.G = a.group_size
         self.algorithm = a.name
@@ -112,50 +74,44 @@ class Trainer:
         self.adv_norm = a.resolved("advantage_norm")
         self.alpha_on = a.resolved("alpha_correction")
         self.beta_th = a.resolved("beta_th")
+        r = cfg.rollout
+        self.sampling = SamplingSettings(r.max_new_tokens, False, r.temperature, r.top_p, r.top_k)
 
         self.task: Task = build_task(cfg.task)
-        self.train_rows = list(self.task.rows(cfg.task.train_split))
-        self.eval_rows = self._eval_rows()
+        dtype = build.weights_dtype(cfg, acc)
+        self.adapter = build.load_policy(cfg, dtype, cfg.model.gradient_checkpointing)
+        self.ctx = ScoreContext(boxes=self.adapter.box_convention)
+        self._load_rows()
         self.local_groups = t.prompts_per_device * t.grad_accum
         self.stream = PromptStream(len(self.train_rows), self.local_groups * acc.num_processes, t.seed,
                                    acc.process_index, acc.num_processes)
+        self.budget = Budget.choose(t.max_steps, t.max_samples, t.epochs, self.stream.batches_per_epoch)
 
-        ds = acc.state.deepspeed_plugin
-        dtype = cfg.model.dtype
-        if dtype == "auto":  # bf16 weights only where DeepSpeed keeps fp32 master weights
-            dtype = "bfloat16" if ds is not None and mixed == "bf16" else "float32"
-        load = dict(dtype=dtype, max_pixels=cfg.model.max_pixels, min_pixels=cfg.model.min_pixels,
-                    attn_implementation=cfg.model.attn_implementation or None,
-                    trust_remote_code=cfg.model.trust_remote_code)
-        self.adapter = load_adapter(cfg.model.path, gradient_checkpointing=cfg.model.gradient_checkpointing, **load)
-        self.ctx = ScoreContext(boxes=self.adapter.box_convention)
-        self.ref_model = None
-        if self.algorithm != "gpg" and a.kl_coef > 0:  # GPG never loads a reference model
-            if ds is not None and ds.zero_stage == 3:
-                raise ValueError("a KL reference model is not supported under ZeRO-3 yet: use the zero2 "
-                                 "launcher, or algorithm.kl_coef=0")
-            self.ref_model = load_adapter(cfg.model.path, **load).model.to(acc.device).eval().requires_grad_(False)
-        if ds is not None:  # nothing is prepared from a dataloader, so DeepSpeed is told the sizes
-            ds.deepspeed_config["train_micro_batch_size_per_gpu"] = t.prompts_per_device * self.G
-            ds.deepspeed_config["gradient_accumulation_steps"] = t.grad_accum
-            ds.deepspeed_config["gradient_clipping"] = t.max_grad_norm
-        optimizer = torch.optim.AdamW(self.adapter.model.parameters(), lr=t.learning_rate,
-                                      betas=t.adam_betas, weight_decay=t.weight_decay)
-        self.model, self.optimizer = acc.prepare(self.adapter.model, optimizer)
+        self.ref_model = build.load_reference(cfg, acc, dtype)
+        build.tell_deepspeed(acc, t, self.G)
+        policy = PolicyLogprobs(self.adapter.model)
+        self.model, self.optimizer = acc.prepare(policy, build.make_optimizer(policy, t))
+        self.engine = HFEngine(self.adapter)
+        self.phases = PhaseTimer(acc.device)
         self.state = TrainState()
         acc.register_for_checkpointing(self.stream, self.state)
+        self._restore_and_open_logs(build.resume_point(acc, t))
 
-        total_batches = math.ceil(t.epochs * self.stream.batches_per_epoch)
-        if t.max_samples > 0:
-            self.budget = ("samples", t.max_samples)
-        elif t.max_steps > 0:
-            self.budget = ("steps", t.max_steps)
-        else:
-            self.budget = ("batches", total_batches)
-        resume_from = resolve_resume(t.output_dir, t.resume)
-        if resume_from is None and list_checkpoints(t.output_dir):
-            raise FileExistsError(f"{t.output_dir} holds checkpoints of an earlier run: pass --resume "
-                                  f"(train.resume=latest) to continue it, or choose another train.output_dir")
+    def _load_rows(self) -> None:
+        """Training and held-out rows; prompts over rollout.max_prompt_tokens are skipped, counted."""
+        limit, split = self.cfg.rollout.max_prompt_tokens, self.cfg.task.train_split
+        self.train_rows, too_long = build.drop_long_prompts(list(self.task.rows(split)), self.task, self.adapter,
+                                                            limit)
+        self.eval_rows, eval_too_long = build.drop_long_prompts(
+            build.eval_rows(self.task, self.cfg, self.accelerator.print), self.task, self.adapter, limit)
+        self.data_counts = {"data/train_rows": len(self.train_rows), "data/eval_rows": len(self.eval_rows),
+                            "data/prompts_over_limit": too_long + eval_too_long}
+        if too_long + eval_too_long:
+            self.accelerator.print(f"skipped {too_long} training and {eval_too_long} held-out prompts longer than "
+                                   f"rollout.max_prompt_tokens={limit} tokens")
+
+    def _restore_and_open_logs(self, resume_from: Path | None) -> None:
+        acc, t = self.accelerator, self.cfg.train
         if resume_from is not None:
             acc.load_state(str(resume_from))
             acc.print(f"resumed from {resume_from} at step {self.state.step}")
@@ -165,59 +121,32 @@ class Trainer:
         self.rank_log.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.rank_log.write_text("")
+            self.logger.log(0, self.data_counts)
         else:
             truncate_after(self.rank_log, resume_step)
 
-    def _eval_rows(self) -> list[Row]:
-        c = self.cfg.task
-        if not c.eval_split:
-            return []
-        try:
-            rows = list(self.task.rows(c.eval_split))
-        except (KeyError, ValueError, FileNotFoundError) as err:
-            self.accelerator.print(f"no held-out evaluation: split {c.eval_split!r} unavailable ({err})")
-            return []
-        return rows[:c.eval_size] if c.eval_size else rows
-
-    # ---- progress of the budget -------------------------------------------------------
-    def used(self) -> int:
-        """How much of the budget is spent, in the budget's unit."""
-        kind, _ = self.budget
-        return {"steps": self.state.step, "batches": self.stream.batches_consumed,
-                "samples": self.state.samples_generated}[kind]
-
-    def progress(self) -> float:
-        return min(1.0, self.used() / self.budget[1])
-
-    def data_left(self, pending_samples: int = 0) -> bool:
-        """Whether another generation round may start: the budget is not reached counting the
-        `pending_samples` this step generated already (over all ranks). A sample budget may
-        therefore be passed by part of one round."""
-        kind, total = self.budget
-        if kind == "samples":
-            return self.state.samples_generated + pending_samples < total
-        return kind == "steps" or self.stream.batches_consumed < total
-
-    def finished(self) -> bool:
-        return self.used() >= self.budget[1]
+    def counters(self) -> Counters:
+        return Counters(self.state.step, self.stream.batches_consumed, self.state.samples_generated)
 
     # ---- collect: generation, scoring and beta_th resampling ------------------------------
-    def _generate_round(self) -> tuple[list[Group], int, int, float]:
-        t, r = self.cfg.train, self.cfg.rollout
+    def _generate_round(self) -> tuple[list[Group], int, int]:
+        """One global batch of prompts: (groups, reward failures, generated tokens) on this rank."""
+        ppd = self.cfg.train.prompts_per_device
         rows = [self.train_rows[i] for i in self.stream.next_local()]
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        unwrapped.eval()
-        groups, failures, tokens, start = [], 0, 0, time.perf_counter()
+        with self.phases("encode"):
+            prompts = encode_rows(self.adapter, self.task, rows)
+        self.adapter.model.eval()
+        groups, failures, tokens = [], 0, 0
         with generation_context(self.accelerator, self.model):
-            for i in range(0, len(rows), t.prompts_per_device):
-                rollout = generate(unwrapped, self.adapter, self.task, rows[i:i + t.prompts_per_device], self.G,
-                                   temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                   max_new_tokens=r.max_new_tokens)
-                scored = score(self.task, rollout, self.ctx, self.G)
+            for i in range(0, len(rows), ppd):
+                with self.phases("generate"):
+                    r = rollout(self.engine, self.adapter, rows[i:i + ppd], prompts[i:i + ppd], self.G, self.sampling)
+                with self.phases("score"):
+                    scored = score(self.task, r, self.ctx, self.G)
                 failures += scored.failures
-                tokens += int(rollout.completion_mask.sum())
+                tokens += int(r.completion_mask.sum())
                 groups += split_groups(scored, self.G)
-        return groups, failures, tokens, time.perf_counter() - start
+        return groups, failures, tokens
 
     def collect(self) -> StepBatch:
         """Generate rounds until the trainable valid groups reach beta_th * B over all ranks.
@@ -225,28 +154,32 @@ class Trainer:
         Every rank runs the same number of rounds: the decision uses the global count.
         The count is of what can really be trained: a rank keeps at most its share.
         """
-        need = self.beta_th * self.local_groups * self.accelerator.num_processes
+        world = self.accelerator.num_processes
+        need = self.beta_th * self.local_groups * world
         buffer: list[Group] = []
-        generated: list[Group] = []
-        tokens = failures = 0
-        gen_time = 0.0
-        rounds, exhausted = 0, False
+        filler: list[Group] = []
+        generated: list[GroupStats] = []
+        tokens = failures = rounds = 0
+        exhausted = False
         while True:
-            groups, f, n_tok, dt = self._generate_round()
+            groups, f, n_tok = self._generate_round()
             rounds += 1
-            generated += groups
-            failures, tokens, gen_time = failures + f, tokens + n_tok, gen_time + dt
-            buffer += [g for g in groups if g.valid]
-            trainable = self._global_sum(min(len(buffer), self.local_groups))
-            if trainable >= need:
+            generated += [g.stats() for g in groups]
+            failures, tokens = failures + f, tokens + n_tok
+            # Only a rank's first local_groups valid groups, and the last round's invalid ones
+            # as filler, can be trained: the others, pixel values and all, are dropped now.
+            buffer = (buffer + [g for g in groups if g.valid])[:self.local_groups]
+            filler = [g for g in groups if not g.valid]
+            if self._global_sum(len(buffer)) >= need:
                 break
-            pending = len(generated) * self.G * self.accelerator.num_processes
-            if rounds >= self.cfg.algorithm.max_resample_rounds or not self.data_left(pending):
+            pending = len(generated) * self.G * world
+            if rounds >= self.cfg.algorithm.max_resample_rounds or not self.budget.may_generate(self.counters(),
+                                                                                                 pending):
                 exhausted = True  # train on what there is; the metrics say so
                 break
-        filler = [g for g in groups if not g.valid]  # invalid groups of the last round
-        chosen = (buffer[:self.local_groups] + filler)[:self.local_groups]
-        return StepBatch(chosen, rounds, exhausted, generated, tokens, failures, gen_time)
+        chosen = (buffer + filler)[:self.local_groups]
+        # Every rank generated as many groups (same rounds, same share of each batch).
+        return StepBatch(chosen, rounds, exhausted, generated, len(generated) * self.G * world, tokens, failures)
 
     def _global_sum(self, value: float) -> float:
         t = torch.tensor([float(value)], device=self.accelerator.device)
@@ -266,14 +199,17 @@ class Trainer:
         for i in range(0, len(batch.groups), t.prompts_per_device):
             micro = batch.groups[i:i + t.prompts_per_device]
             with acc.accumulate(self.model):
-                loss, loss_stats = self._micro_loss(micro, inv_alpha)
-                acc.backward(loss)
+                with self.phases("forward"):
+                    loss, loss_stats = self._micro_loss(micro, inv_alpha)
+                with self.phases("backward"):
+                    acc.backward(loss)
                 losses.append(loss.detach())
                 stats.append(torch.stack([loss_stats.kl, loss_stats.clip_fraction]).float())
-                if acc.sync_gradients:
-                    grad_norm = self._clip()
-                self.optimizer.step()
-                self.optimizer.zero_grad()
+                with self.phases("optimizer"):
+                    if acc.sync_gradients:
+                        grad_norm = self._clip()
+                    self.optimizer.step()
+                    self.optimizer.zero_grad()
         loss = acc.reduce(torch.stack(losses).mean(), reduction="mean")
         self._log_rank(batch, inv_alpha)
         m = {"loss": float(loss), "grad_norm": grad_norm, "inverse_alpha": inv_alpha,
@@ -295,23 +231,21 @@ class Trainer:
 
     def _micro_loss(self, micro: list[Group], inv_alpha: float) -> tuple[Tensor, alg.LossStats]:
         a, G, dev = self.cfg.algorithm, self.G, self.accelerator.device
-        inputs = self.adapter.build_group_inputs([self.task.prompt(g.row) for g in micro],
-                                                 [self.task.images(g.row) for g in micro], G)
-        inputs = {k: v.to(dev) for k, v in inputs.items()}
+        prompts = collate([g.prompt for g in micro], self.adapter.pad_token_id).to(dev)
         ids = pad_stack([g.completion_ids for g in micro], self.adapter.pad_token_id).to(dev)  # [N, T]
         mask = pad_stack([g.completion_mask for g in micro], 0).to(dev)  # [N, T]
         rewards = torch.cat([g.rewards for g in micro]).to(dev)  # [N]
         advantages = alg.group_advantages(rewards, G, self.adv_norm)  # [N]
         chunk, temp = self.cfg.train.logprob_chunk, self.cfg.rollout.temperature
-        logprobs = self.adapter.completion_logprobs(self.model, inputs, ids, mask, chunk, temp)  # [N, T]
+        logprobs = self.model(prompts, ids, mask, G, chunk, temp)  # [N, T]
         ref = None
         if self.ref_model is not None:
             with torch.no_grad():
-                ref = self.adapter.completion_logprobs(self.ref_model, inputs, ids, mask, chunk, temp)  # [N, T]
+                ref = self.ref_model(prompts, ids, mask, G, chunk, temp)  # [N, T]
         return alg.policy_loss(self.algorithm, logprobs, advantages, mask.to(logprobs.dtype),
-                                  inv_alpha=inv_alpha, aggregation=self.aggregation,
-                                  constant=float(self.cfg.rollout.max_new_tokens), ref_logprobs=ref,
-                                  clip_eps=a.clip_eps, kl_coef=a.kl_coef)
+                               inv_alpha=inv_alpha, aggregation=self.aggregation,
+                               constant=float(self.cfg.rollout.max_new_tokens), ref_logprobs=ref,
+                               clip_eps=a.clip_eps, kl_coef=a.kl_coef)
 
     def _clip(self) -> float:
         t, acc = self.cfg.train, self.accelerator
@@ -325,25 +259,25 @@ class Trainer:
         rounds, all ranks: every rank ran the same rounds); trained_reward over the batch trained."""
         acc = self.accelerator
 
-        def gathered(groups: list[Group], field) -> Tensor:
-            return acc.gather(torch.cat([field(g) for g in groups]).float().to(acc.device))
+        def gathered(items, field) -> Tensor:
+            return acc.gather(torch.cat([field(g) for g in items]).float().to(acc.device))
 
         rewards = gathered(batch.generated, lambda g: g.rewards)
         m = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std())}
         for name in self.task.reward_components:
             m[f"reward/{name}"] = float(gathered(batch.generated, lambda g: g.components[name]).mean())
         m["trained_reward/mean"] = float(gathered(batch.groups, lambda g: g.rewards).mean())
-        lengths = gathered(batch.generated, lambda g: g.completion_mask.sum(1))
+        lengths = gathered(batch.generated, lambda g: g.lengths)
         m["completion_length/mean"] = float(lengths.mean())
         m["completion_length/max"] = float(lengths.max())
         m["completion_length/truncated"] = float((lengths >= self.cfg.rollout.max_new_tokens).float().mean())
-        generated = len(rewards)
-        m["tokens_per_s"] = self._global_sum(batch.generated_tokens) / max(1e-9, batch.generate_time)
-        m["generate_time"] = batch.generate_time
+        generate_time = self.phases.seconds["generate"]
+        m["tokens_per_s"] = self._global_sum(batch.generated_tokens) / max(1e-9, generate_time)
+        m["generate_time"] = generate_time
         m["resample_rounds"] = batch.rounds
         m["resample_exhausted"] = float(batch.exhausted)
         m["reward_failures"] = self._global_sum(batch.reward_failures)
-        m["samples_generated"] = self.state.samples_generated + generated
+        m["samples_generated"] = self.state.samples_generated + batch.samples
         m["epoch"] = self.stream.epochs_done
         return m
 
@@ -354,34 +288,26 @@ class Trainer:
         Every rank makes the same number of `generate` calls (under ZeRO-3 generation is a
         collective): a short shard is padded with its first row, whose scores are dropped.
         """
-        acc, r = self.accelerator, self.cfg.rollout
+        acc = self.accelerator
         rows = self.eval_rows[acc.process_index::acc.num_processes]
         n_real = len(rows)
         per_rank = math.ceil(len(self.eval_rows) / acc.num_processes)
         rows = rows + [self.eval_rows[0]] * (per_rank - n_real)
-        unwrapped = acc.unwrap_model(self.model)
-        unwrapped.eval()
+        self.adapter.model.eval()
         sums = {k: 0.0 for k in self.task.reward_components}
-        batch = max(1, self.cfg.train.prompts_per_device * self.G)
+        size = max(1, self.cfg.train.prompts_per_device * self.G)
+        greedy = SamplingSettings(self.cfg.rollout.max_new_tokens, greedy=True)
         with generation_context(acc, self.model):
-            for i in range(0, len(rows), batch):
-                rollout = generate(unwrapped, self.adapter, self.task, rows[i:i + batch], 1, greedy=True,
-                                   max_new_tokens=r.max_new_tokens)
-                scored = score(self.task, rollout, self.ctx, 1)
-                real = max(0, min(batch, n_real - i))
+            for i in range(0, len(rows), size):
+                part = rows[i:i + size]
+                r = rollout(self.engine, self.adapter, part, encode_rows(self.adapter, self.task, part), 1, greedy)
+                scored = score(self.task, r, self.ctx, 1)
+                real = max(0, min(size, n_real - i))
                 for k, v in scored.components.items():
                     sums[k] += float(v[:real].sum())
         totals = acc.reduce(torch.tensor([*sums.values(), float(n_real)], device=acc.device), reduction="sum")
         n = max(1.0, float(totals[-1]))
         return {f"eval/{k}": float(v) / n for k, v in zip(sums, totals[:-1])}
-
-    def eval_due(self, samples_before: int) -> bool:
-        """Whether the step just taken ends an evaluation interval: in steps, or in generated
-        completions (this step crossed a multiple of eval_every_samples)."""
-        t = self.cfg.train
-        by_step = t.eval_every > 0 and self.state.step % t.eval_every == 0
-        n = t.eval_every_samples
-        return by_step or (n > 0 and samples_before // n != self.state.samples_generated // n)
 
     def _evaluate_and_report(self, bar) -> dict[str, float]:
         values = self.evaluate()
@@ -392,34 +318,44 @@ class Trainer:
         return values
 
     # ---- the loop -----------------------------------------------------------------------
+    def step(self) -> dict[str, float]:
+        """One optimizer step: collect, update, count. Returns the step's metrics."""
+        start = time.perf_counter()
+        t = self.cfg.train
+        # The learning rate of this step, from the budget used before it draws its data.
+        lr = t.learning_rate * lr_factor(self.budget.progress(self.counters()), t.warmup_ratio, t.lr_schedule)
+        batch = self.collect()
+        metrics = self.batch_metrics(batch)
+        metrics.update(self.update(batch, lr))
+        self.state.step += 1
+        self.state.samples_generated += batch.samples
+        metrics.update(self.phases.take())
+        metrics["step_time"] = time.perf_counter() - start
+        return metrics
+
     def fit(self) -> dict[str, float]:
         from tqdm.auto import tqdm
 
         t, acc = self.cfg.train, self.accelerator
-        kind, total = self.budget
-        unit = {"steps": "step", "batches": "batch", "samples": "sample"}[kind]
-        bar = tqdm(total=total, initial=self.used(), unit=unit, disable=not acc.is_main_process, dynamic_ncols=True)
+        unit = {"steps": "step", "batches": "batch", "samples": "sample"}[self.budget.unit]
+        bar = tqdm(total=self.budget.total, initial=self.budget.used(self.counters()), unit=unit,
+                   disable=not acc.is_main_process, dynamic_ncols=True)
         last_eval: dict[str, float] = {}
         if self.state.step == 0 and self.eval_rows:
             last_eval = self._evaluate_and_report(bar)
-        while not self.finished():
-            start = time.perf_counter()
-            # The learning rate of this step, from the budget used before it draws its data.
-            lr = t.learning_rate * lr_factor(self.progress(), t.warmup_ratio, t.lr_schedule)
-            batch = self.collect()
-            metrics = self.batch_metrics(batch)
-            metrics.update(self.update(batch, lr))
-            self.state.step += 1
-            samples_before, self.state.samples_generated = self.state.samples_generated, int(metrics["samples_generated"])
-            metrics["step_time"] = time.perf_counter() - start
+        while not self.budget.finished(self.counters()):
+            samples_before = self.state.samples_generated
+            metrics = self.step()
             self.logger.log(self.state.step, metrics)
-            bar.update(self.used() - bar.n)
+            bar.update(self.budget.used(self.counters()) - bar.n)
             bar.set_postfix(step=self.state.step, reward=f"{metrics['reward/mean']:.3f}",
                             valid=f"{metrics['valid_fraction']:.2f}")
             if acc.is_main_process and self.state.step % t.log_every == 0:
                 bar.write(format_line(self.state.step, metrics))
-            finished = self.finished()
-            if self.eval_rows and (finished or self.eval_due(samples_before)):
+            finished = self.budget.finished(self.counters())
+            due = eval_due(self.state.step, samples_before, self.state.samples_generated, t.eval_every,
+                           t.eval_every_samples)
+            if self.eval_rows and (finished or due):
                 last_eval = self._evaluate_and_report(bar)
             if finished or (t.save_every and self.state.step % t.save_every == 0):
                 save_checkpoint(acc, self.model, self.adapter, t.output_dir, self.state.step,
@@ -433,8 +369,6 @@ class Trainer:
 
 def generation_context(accelerator, model):
     """Under ZeRO-3 gather the sharded weights once for the whole generation call."""
-    import contextlib
-
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None and plugin.zero_stage == 3:
         import deepspeed

@@ -37,12 +37,14 @@ class FakeModel:
 
 
 class FakeAdapter:
+    model = FakeModel()
+
     def save_processor(self, folder):
         (Path(folder) / "tokenizer.json").write_text("{}")
 
 
 def save(out, step, keep=2, acc=None):
-    return save_checkpoint(acc or FakeAccelerator(), FakeModel(), FakeAdapter(), out, step, keep)
+    return save_checkpoint(acc or FakeAccelerator(), None, FakeAdapter(), out, step, keep)
 
 
 def test_keeps_the_newest_and_marks_them_complete(tmp_path):

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import gpg_vl.evaluate as ev
@@ -72,7 +71,8 @@ def test_a_record_holds_the_prompt_the_parsed_box_and_the_score():
     ctx = ScoreContext(boxes=adapter.box_convention)
     gold = adapter.box_convention.from_pixels(tuple(row["box"]), tuple(row["image_size"]))  # the 0-1000 grid
     right = f"<think>it is there</think> <answer>({gold[0]},{gold[1]}),({gold[2]},{gold[3]})</answer>"
-    record = item_record(Part("test", "test", "", task, [row]), 0, row, [right, "no idea"], adapter, ctx)
+    prompt = adapter.encode(task.prompt(row), task.images(row)).text
+    record = item_record(Part("test", "test", "", task, [row]), 0, row, prompt, [right, "no idea"], ctx)
     assert record["prompt"] == adapter.render(task.prompt(row)) and "Output the bounding box" in record["prompt"]
     assert record["id"] == row["id"] and record["completions"] == [right, "no idea"]
     assert record["answers"][0] == pytest.approx(row["box"], abs=0.1) and record["answers"][1] is None
@@ -106,7 +106,7 @@ def test_a_failing_reward_or_parser_is_a_flagged_zero():
     adapter = load_adapter(str(TINY / "qwen2"))
     task = Brittle(TaskConfig(name="brittle"))
     row = task.rows("test")[0]
-    record = item_record(Part("test", "test", "", task, [row]), 0, row, ["yes", "boom", "YES"], adapter,
+    record = item_record(Part("test", "test", "", task, [row]), 0, row, "q", ["yes", "boom", "YES"],
                          ScoreContext(boxes=adapter.box_convention))
     assert [s["accuracy"] for s in record["scores"]] == [1.0, 0.0, 0.0]
     assert record["failed"] == [False, True, True] and record["answers"] == ["yes", "boom", None]

@@ -1,4 +1,4 @@
-"""Model adapters and the tiny offline models: input building, log-probabilities, tokenizer,
+"""Model adapters and the tiny offline models: prompt encoding, log-probabilities, tokenizer,
 box conventions, and that the committed tiny models are what the builder makes."""
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 
 from gpg_vl.boxes import NormalizedBoxes, PixelBoxes, ResizedPixelBoxes, smart_resize
 from gpg_vl.models import SUPPORTED_MODEL_TYPES, UnsupportedModelError, load_adapter
+from gpg_vl.models.base import collate
+from gpg_vl.models.policy import PolicyLogprobs
 from gpg_vl.models.qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from gpg_vl.models.text import Qwen2Adapter
 from gpg_vl.models.tiny import ANSWER_WORDS, build_tiny_models
+from gpg_vl.rollout import completion_mask
 
 TINY = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen2")
@@ -43,13 +46,10 @@ def two_prompts(adapter):
     return prompts, images
 
 
-def completion_mask(ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
-    """1 up to and including the first end token of each row."""
-    is_end = torch.isin(ids, torch.tensor(eos_ids)).long()  # [N, T]
-    return (torch.cumsum(is_end, dim=1) - is_end == 0).long()
-
-
-def sample(adapter, inputs, max_new_tokens=12, seed=0):
+def sample(adapter, prompts, max_new_tokens=12, seed=0):
+    """transformers' own sampling from the left-padded batch, with the raw per-token logits."""
+    batch = collate(prompts, adapter.pad_token_id)
+    inputs = {k: v for k, v in batch.model_inputs().items() if k != "position_ids"}
     torch.manual_seed(seed)
     out = adapter.model.generate(
         **inputs, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
@@ -59,6 +59,10 @@ def sample(adapter, inputs, max_new_tokens=12, seed=0):
     # Raw logits, before suppression: the distribution the policy itself assigns.
     logits = torch.stack(out.logits, dim=1).float()  # [N, T, V]
     return ids, torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+def encoded(adapter):
+    return adapter.encode_batch(*two_prompts(adapter))
 
 
 # --- choosing the adapter ---------------------------------------------------------------
@@ -91,25 +95,38 @@ def test_bad_dtype_is_refused():
 @pytest.mark.parametrize("size", [(20, 20), (56, 56), (60, 90), (200, 120), (300, 41), (512, 512)])
 def test_image_token_count(adapters, family, size):
     adapter = adapters[family]
-    inputs = adapter.build_inputs([chat("Where is it?", 1)], [[Image.new("RGB", size, "green")]])
-    n_pads = int((inputs["input_ids"] == adapter.processor.image_token_id).sum())
+    prompt, image = chat("Where is it?", 1), Image.new("RGB", size, "green")
+    enc = adapter.encode(prompt, [image])
+    n_pads = int((enc.input_ids == adapter.processor.image_token_id).sum())
     w, h = smart_resize(size[1], size[0], 28, 3136, MAX_PIXELS)
-    assert n_pads == (h // 28) * (w // 28) == int(inputs["image_grid_thw"].prod()) // 4
-    assert int(inputs["mm_token_type_ids"].sum()) == n_pads
+    assert n_pads == (h // 28) * (w // 28) == int(enc.image_grid_thw.prod()) // 4
+    assert int(enc.mm_token_type_ids.sum()) == n_pads
+    # counted from the size alone, as the prompt-length limit counts it
+    assert adapter.count_prompt_tokens(prompt, [size]) == enc.num_tokens
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_group_inputs_equal_repeated_prompts(adapters, family):
+def test_batch_encoding_equals_one_by_one(adapters, family):
     adapter = adapters[family]
     prompts, images = two_prompts(adapter)
-    if adapter.has_vision:  # a sample with two images of other sizes
+    if adapter.has_vision:  # a prompt with two images of other sizes
         prompts.append(chat("Which is larger?", 2))
         images.append([Image.new("RGB", (300, 41), "white"), Image.new("RGB", (56, 56), "black")])
-    grouped = adapter.build_group_inputs(prompts, images, 3)
-    expected = adapter.build_inputs([p for p in prompts for _ in range(3)], [i for i in images for _ in range(3)])
-    assert grouped.keys() == expected.keys()
-    for key in expected:
-        assert torch.equal(grouped[key], expected[key]), key
+    for together, p, i in zip(adapter.encode_batch(prompts, images), prompts, images):
+        alone = adapter.encode(p, i)
+        for name, a, b in zip(alone._fields, together, alone):
+            assert torch.equal(a, b) if torch.is_tensor(b) else a == b, name
+        assert adapter.count_prompt_tokens(p, [im.size for im in i]) == alone.num_tokens
+
+
+def test_multimodal_positions_are_the_models_own(adapters):
+    adapter = adapters["qwen2_5_vl"]
+    enc = adapter.encode(chat("Where?", 1), [Image.new("RGB", (200, 120))])
+    positions, delta = adapter.model.model.get_rope_index(enc.input_ids[None], enc.mm_token_type_ids[None],
+                                                          image_grid_thw=enc.image_grid_thw)
+    assert torch.equal(enc.position_ids, positions[:, 0])
+    # the first generated token continues one past the largest position of the prompt
+    assert enc.next_position == int(positions.max()) + 1 == enc.num_tokens + int(delta)
 
 
 def test_smart_resize_matches_transformers():
@@ -123,14 +140,14 @@ def test_smart_resize_matches_transformers():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_build_inputs_left_padded(adapters, family):
+def test_collate_left_pads(adapters, family):
     adapter = adapters[family]
-    inputs = adapter.build_inputs(*two_prompts(adapter))
-    assert inputs["input_ids"].shape == inputs["attention_mask"].shape
+    batch = collate(encoded(adapter), adapter.pad_token_id)
+    assert batch.input_ids.shape == batch.attention_mask.shape == batch.position_ids.shape[1:]
     # The shorter prompt is padded on the left, so both end at the generation point.
-    assert inputs["attention_mask"][:, -1].tolist() == [1, 1]
-    assert inputs["attention_mask"][0, 0] == 0 and inputs["input_ids"][0, 0] == adapter.pad_token_id
-    for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"]):
+    assert batch.attention_mask[:, -1].tolist() == [1, 1]
+    assert batch.attention_mask[0, 0] == 0 and batch.input_ids[0, 0] == adapter.pad_token_id
+    for ids, mask in zip(batch.input_ids, batch.attention_mask):
         text = adapter.tokenizer.decode(ids[mask == 1])
         assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_end|>\n<|im_start|>assistant\n")
 
@@ -138,15 +155,15 @@ def test_build_inputs_left_padded(adapters, family):
 def test_raw_string_prompt_is_sent_as_is(adapters):
     adapter = adapters["qwen2_vl"]
     raw = "Question: <|vision_start|><|image_pad|><|vision_end|> what colour? Answer:"
-    inputs = adapter.build_inputs([raw], [[Image.new("RGB", (56, 56))]])
-    text = adapter.tokenizer.decode(inputs["input_ids"][0])
+    enc = adapter.encode(raw, [Image.new("RGB", (56, 56))])
+    text = adapter.tokenizer.decode(enc.input_ids)
     assert text.startswith("Question: <|vision_start|>") and text.endswith(" what colour? Answer:")
-    assert "<|im_start|>" not in text
+    assert "<|im_start|>" not in text and enc.text == raw
 
 
 def test_text_adapter_refuses_images(adapters):
     with pytest.raises(ValueError, match="text-only"):
-        adapters["qwen2"].build_inputs([chat("hi", 1)], [[Image.new("RGB", (56, 56))]])
+        adapters["qwen2"].encode(chat("hi", 1), [Image.new("RGB", (56, 56))])
 
 
 # --- log-probabilities ------------------------------------------------------------------
@@ -154,51 +171,14 @@ def test_text_adapter_refuses_images(adapters):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logprobs_match_generate(adapters, family):
     adapter = adapters[family]
-    inputs = adapter.build_inputs(*two_prompts(adapter))
-    ids, generated = sample(adapter, inputs)
+    prompts = encoded(adapter)
+    ids, generated = sample(adapter, prompts)
     mask = completion_mask(ids, adapter.eos_token_ids)
     with torch.no_grad():
-        got = adapter.completion_logprobs(adapter.model, inputs, ids, mask)
+        got = PolicyLogprobs(adapter.model)(collate(prompts, adapter.pad_token_id), ids, mask, 1)
     assert got.dtype == torch.float32 and got.shape == ids.shape
     assert torch.allclose(got, generated * mask, atol=1e-4, rtol=0)
     assert not torch.isin(ids, torch.tensor(adapter.suppressed_token_ids or [-1])).any()
-
-
-@pytest.mark.parametrize("family", ("qwen2_5_vl", "qwen2"))
-def test_chunking_and_masking(adapters, family):
-    adapter = adapters[family]
-    inputs = adapter.build_inputs(*two_prompts(adapter))
-    ids, _ = sample(adapter, inputs, seed=1)
-    mask = torch.ones_like(ids)
-    mask[0, 5:] = 0
-    mask[1, -2:] = 0
-    results, grads = [], []
-    for chunk_size in (1, 5, 64):
-        adapter.model.zero_grad()
-        logprobs = adapter.completion_logprobs(adapter.model, inputs, ids, mask, chunk_size=chunk_size)
-        logprobs.sum().backward()
-        results.append(logprobs.detach())
-        grads.append(adapter.model.get_input_embeddings().weight.grad.clone())
-    for other, grad in zip(results[1:], grads[1:]):
-        assert torch.allclose(results[0], other, atol=1e-6, rtol=0)
-        assert torch.allclose(grads[0], grad, atol=1e-6, rtol=0)
-    assert (results[0][mask == 0] == 0).all() and (results[0][mask == 1] < 0).all()
-    adapter.model.zero_grad(set_to_none=True)
-
-
-def test_masked_tail_does_not_change_logprobs(adapters):
-    """Tokens after a row's end (mask 0) must not affect the positions before it."""
-    adapter = adapters["qwen2_vl"]
-    inputs = adapter.build_inputs(*two_prompts(adapter))
-    ids, _ = sample(adapter, inputs, seed=2)
-    mask = torch.ones_like(ids)
-    mask[:, 6:] = 0
-    changed = ids.clone()
-    changed[:, 6:] = adapter.pad_token_id
-    with torch.no_grad():
-        a = adapter.completion_logprobs(adapter.model, inputs, ids, mask)
-        b = adapter.completion_logprobs(adapter.model, inputs, changed, mask)
-    assert torch.equal(a, b)
 
 
 def test_decode_skips_masked_and_special(adapters):
@@ -292,54 +272,12 @@ def test_other_text_families(tmp_path, model_type):
         shutil.copy(src / name, tmp_path / name)
     adapter = load_adapter(str(tmp_path))
     assert adapter.model_type == model_type and not adapter.has_vision
-    inputs = adapter.build_inputs(*two_prompts(adapter))
-    ids, generated = sample(adapter, inputs)
+    prompts = encoded(adapter)
+    ids, generated = sample(adapter, prompts)
     mask = completion_mask(ids, adapter.eos_token_ids)
     with torch.no_grad():
-        got = adapter.completion_logprobs(adapter.model, inputs, ids, mask)
+        got = PolicyLogprobs(adapter.model)(collate(prompts, adapter.pad_token_id), ids, mask, 1)
     assert torch.allclose(got, generated * mask, atol=1e-4, rtol=0)
-
-
-def test_bfloat16_and_gradient_checkpointing():
-    adapter = load_adapter(str(TINY / "qwen2_vl"), dtype="bfloat16", max_pixels=MAX_PIXELS, gradient_checkpointing=True)
-    assert adapter.model.dtype == torch.bfloat16 and adapter.model.is_activation_checkpointing
-    adapter.model.train()
-    inputs = adapter.build_inputs(*two_prompts(adapter))
-    ids = torch.tensor([[10, 11, 12], [13, 14, 2]])
-    logprobs = adapter.completion_logprobs(adapter.model, inputs, ids, torch.ones_like(ids), chunk_size=2)
-    assert logprobs.dtype == torch.float32
-    logprobs.sum().backward()
-    assert adapter.model.get_input_embeddings().weight.grad is not None
-
-
-class Recorder(torch.nn.Module):
-    """Stands in for a DDP/DeepSpeed wrapper: completion_logprobs must call its forward."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.calls = inner, []
-
-    def forward(self, **kwargs):
-        out = self.inner(**kwargs)
-        self.calls.append((kwargs, out.logits.shape))
-        return out
-
-
-def test_logprobs_go_through_the_given_model_and_keep_few_logits(adapters):
-    adapter = adapters["qwen2_5_vl"]
-    inputs = adapter.build_inputs(*two_prompts(adapter))
-    ids = torch.tensor([[10, 11, 12, 2], [13, 14, 2, 0]])
-    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
-    wrapper = Recorder(adapter.model)
-    with torch.no_grad():
-        adapter.completion_logprobs(wrapper, inputs, ids, mask)
-    (kwargs, logits_shape), = wrapper.calls
-    n, p = inputs["input_ids"].shape
-    assert logits_shape[:2] == (n, ids.shape[1] + 1)
-    assert torch.equal(kwargs["attention_mask"][:, p:], mask)
-    # Completion tokens are text tokens (type 0) for the multimodal position ids.
-    assert torch.equal(kwargs["mm_token_type_ids"][:, :p], inputs["mm_token_type_ids"])
-    assert not kwargs["mm_token_type_ids"][:, p:].any()
 
 
 def test_processor_fallback_only_for_missing_torchvision(monkeypatch):

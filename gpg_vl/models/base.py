@@ -1,26 +1,27 @@
 """What the trainer and the rollout need from a model family, whatever the family.
 
-An adapter owns the model, its processor and tokenizer, and knows how the family builds
-inputs and writes boxes. It knows nothing about tasks.
+An adapter owns the model, its processor and tokenizer, and knows how the family renders a
+prompt, encodes it with its images, and writes boxes. It knows nothing about tasks.
+
+A prompt is encoded once (`encode`): the tokens, the pixel values and the position ids the
+model reads. Generation, the loss forward and the evaluation all use that one record.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from PIL import Image
-from torch.utils.checkpoint import checkpoint
+from torch import Tensor
 from transformers import AutoTokenizer
 from transformers.models.auto.tokenization_auto import get_tokenizer_config
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-from gpg_vl.boxes import BoxConvention
+from gpg_vl.boxes import BoxConvention, Size
 from gpg_vl.task import Prompt
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-# Inputs with one entry per token: they grow with the completion (zeros = text tokens).
-PER_TOKEN_KEYS = ("mm_token_type_ids",)
 END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
@@ -41,34 +42,88 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def _token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature)[ids] in float32, without a float32 log-softmax of the
-    whole vocabulary."""
-    logits = logits.float() / temperature  # [N, C, V]
-    picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # [N, C]
-    return picked - torch.logsumexp(logits, dim=-1)  # [N, C]
+class EncodedPrompt(NamedTuple):
+    """One prompt exactly as the model reads it, computed once per prompt (not per sample)."""
+
+    text: str
+    """The rendered prompt (chat template applied, image placeholders not yet expanded)."""
+    input_ids: Tensor
+    """[P] token ids, image placeholders expanded to one token per visual token."""
+    position_ids: Tensor
+    """[A, P] rotary positions: A = 1 for text models, 3 (temporal, height, width) for Qwen-VL."""
+    next_position: int
+    """Position of the first generated token (every axis): text positions continue from it."""
+    pixel_values: Tensor | None = None
+    """[patches, D] the processor's pixel values of the prompt's images, one after another."""
+    image_grid_thw: Tensor | None = None
+    """[images, 3] patch grid (t, h, w) of each image."""
+    mm_token_type_ids: Tensor | None = None
+    """[P] 0 = text token, 1 = image token."""
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
 
 
-def chunked_token_logprobs(logits: torch.Tensor, ids: torch.Tensor, chunk_size: int,
-                           temperature: float = 1.0) -> torch.Tensor:
-    """Per-position log-probabilities of `ids` under `logits` [N, T, V], `chunk_size`
-    positions at a time. Under autograd each chunk is checkpointed: otherwise every chunk's
-    float32 copy of the logits would be kept for the backward pass, undoing the chunking."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    out = []
-    for start in range(0, ids.shape[1], chunk_size):
-        part, part_ids = logits[:, start:start + chunk_size], ids[:, start:start + chunk_size]
-        if torch.is_grad_enabled() and part.requires_grad:
-            out.append(checkpoint(_token_logprobs, part, part_ids, temperature, use_reentrant=False))
-        else:
-            out.append(_token_logprobs(part, part_ids, temperature))
-    return torch.cat(out, dim=1)  # [N, T]
+class PromptBatch(NamedTuple):
+    """Prompts left-padded into one batch, so that every prompt ends where generation starts."""
+
+    input_ids: Tensor  # [B, P]
+    attention_mask: Tensor  # [B, P] 1 = a real prompt token
+    position_ids: Tensor  # [A, B, P]
+    next_position: Tensor  # [B]
+    pixel_values: Tensor | None  # [patches of all images, D]
+    image_grid_thw: Tensor | None  # [images, 3]
+    mm_token_type_ids: Tensor | None  # [B, P]
+
+    def to(self, device) -> "PromptBatch":
+        return PromptBatch(*(t.to(device) if t is not None else None for t in self))
+
+    def model_inputs(self) -> dict[str, Tensor]:
+        """Keyword arguments of the family's base-model forward for the whole prompt."""
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                  "position_ids": squeeze_axes(self.position_ids)}
+        for key in ("pixel_values", "image_grid_thw", "mm_token_type_ids"):
+            if getattr(self, key) is not None:
+                inputs[key] = getattr(self, key)
+        return inputs
+
+
+def squeeze_axes(position_ids: Tensor) -> Tensor:
+    """[A, B, L] -> what the model takes: [B, L] for text models (A = 1), else as it is."""
+    return position_ids[0] if position_ids.shape[0] == 1 else position_ids
+
+
+def continued_positions(next_position: Tensor, start: int, length: int, axes: int) -> Tensor:
+    """[axes, N, length] positions of generated tokens start .. start+length-1: text tokens
+    after the prompt advance every rotary axis together."""
+    steps = torch.arange(start, start + length, device=next_position.device)  # [length]
+    return (next_position.unsqueeze(1) + steps).unsqueeze(0).expand(axes, -1, -1)
+
+
+def collate(prompts: list[EncodedPrompt], pad_token_id: int) -> PromptBatch:
+    """Left-pad encoded prompts into one batch (pixel values and grids concatenated in order)."""
+    width = max(p.num_tokens for p in prompts)
+
+    def left(t: Tensor, value: int) -> Tensor:
+        return torch.nn.functional.pad(t, (width - t.shape[-1], 0), value=value)
+
+    ids = torch.stack([left(p.input_ids, pad_token_id) for p in prompts])  # [B, P]
+    mask = torch.stack([left(torch.ones_like(p.input_ids), 0) for p in prompts])  # [B, P]
+    positions = torch.stack([left(p.position_ids, 0) for p in prompts], dim=1)  # [A, B, P]
+    nxt = torch.tensor([p.next_position for p in prompts])  # [B]
+    with_images = [p for p in prompts if p.pixel_values is not None]
+    pixels = torch.cat([p.pixel_values for p in with_images]) if with_images else None
+    grids = torch.cat([p.image_grid_thw for p in with_images]) if with_images else None
+    types = None
+    if prompts[0].mm_token_type_ids is not None:
+        types = torch.stack([left(p.mm_token_type_ids, 0) for p in prompts])  # [B, P]
+    return PromptBatch(ids, mask, positions, nxt, pixels, grids, types)
 
 
 class ModelAdapter:
     """Base of the model families. Subclasses set `model_type` and `has_vision`, load
-    themselves in `load`, and render prompts in `build_inputs`."""
+    themselves in `load`, render prompts in `render` and encode them in `encode`."""
 
     model_type: ClassVar[str] = ""
     has_vision: ClassVar[bool] = False
@@ -78,8 +133,6 @@ class ModelAdapter:
         self.processor = processor
         self.tokenizer = tokenizer
         self.box_convention = box_convention
-        # Batches are left-padded so that every prompt ends where generation starts.
-        tokenizer.padding_side = "left"
         self.eos_token_ids = self._eos_token_ids()
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token_id = self.eos_token_ids[0]
@@ -116,54 +169,17 @@ class ModelAdapter:
         generation prompt (image placeholders before the processor expands them); a str as it is."""
         raise NotImplementedError
 
-    def build_inputs(self, prompts: list[Prompt], images: list[list[Image.Image]]) -> dict[str, torch.Tensor]:
-        """Left-padded CPU batch: input_ids [N, P], attention_mask [N, P], and for vision
-        models what the processor returns for the images (pixel_values, image_grid_thw,
-        mm_token_type_ids). Chat prompts get the chat template with the generation prompt;
-        a str prompt is used as it is."""
+    def encode(self, prompt: Prompt, images: list[Image.Image]) -> EncodedPrompt:
+        """Tokens, pixel values and positions of one prompt with its images."""
+        return self.encode_batch([prompt], [images])[0]
+
+    def encode_batch(self, prompts: list[Prompt], images: list[list[Image.Image]]) -> list[EncodedPrompt]:
+        """`encode` of each prompt with its images."""
         raise NotImplementedError
 
-    def build_group_inputs(self, prompts: list[Prompt], images: list[list[Image.Image]],
-                           repeats: int) -> dict[str, torch.Tensor]:
-        """`build_inputs` of the prompts each repeated `repeats` times in a row (a group's G
-        samples), with each prompt rendered and each image processed once."""
-        return self.repeat_samples(self.build_inputs(prompts, images), [len(i) for i in images], repeats)
-
-    def repeat_samples(self, batch: dict[str, torch.Tensor], images_per_sample: list[int],
-                       repeats: int) -> dict[str, torch.Tensor]:
-        """Each sample of a built batch `repeats` times in a row. Here every input has one
-        entry per sample; vision families also repeat their per-image inputs."""
-        return {k: v.repeat_interleave(repeats, dim=0) for k, v in batch.items()}
-
-    def forward_inputs(self, prompt_inputs: dict[str, Any], completion_ids: torch.Tensor,
-                       completion_mask: torch.Tensor) -> dict[str, Any]:
-        """The prompt batch extended by the completions, on the completions' device."""
-        device = completion_ids.device
-        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in prompt_inputs.items()}
-        mask = completion_mask.to(device=device, dtype=inputs["attention_mask"].dtype)
-        inputs["input_ids"] = torch.cat([inputs["input_ids"], completion_ids], dim=1)  # [N, P+T]
-        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], mask], dim=1)  # [N, P+T]
-        for key in PER_TOKEN_KEYS:
-            if key in inputs:
-                # Completion tokens are text: without this, Qwen2.5-VL silently computes wrong positions.
-                zeros = inputs[key].new_zeros(completion_ids.shape)
-                inputs[key] = torch.cat([inputs[key], zeros], dim=1)  # [N, P+T]
-        return inputs
-
-    def completion_logprobs(self, model, prompt_inputs: dict[str, Any], completion_ids: torch.Tensor,
-                            completion_mask: torch.Tensor, chunk_size: int = 64,
-                            temperature: float = 1.0) -> torch.Tensor:
-        """log pi_T(o_t | prompt, o_<t) of each completion token, float32 [N, T], 0 where the
-        mask is 0, with pi_T the sampling distribution softmax(logits / temperature): the policy
-        gradient is taken of the distribution the completions were drawn from. `model` may be
-        a DDP/DeepSpeed wrapper of `self.model`: it is called through its own forward so that
-        gradients synchronise."""
-        inputs = self.forward_inputs(prompt_inputs, completion_ids, completion_mask)
-        num_tokens = completion_ids.shape[1]
-        # Logits at positions P-1 .. P+T-1; the last one predicts past the completion.
-        logits = model(**inputs, logits_to_keep=num_tokens + 1, use_cache=False).logits[:, :-1]  # [N, T, V]
-        logprobs = chunked_token_logprobs(logits, completion_ids, chunk_size, temperature)  # [N, T]
-        return logprobs * completion_mask.to(logprobs.dtype)
+    def count_prompt_tokens(self, prompt: Prompt, image_sizes: list[Size]) -> int:
+        """The length `encode` would give, from the images' sizes alone (nothing decoded)."""
+        raise NotImplementedError
 
     def save_processor(self, path) -> None:
         """Tokenizer and chat template (and, for vision families, the image processor) in

@@ -17,14 +17,13 @@ from transformers import (
 )
 from transformers.image_utils import SizeDict
 
-from gpg_vl.boxes import BoxConvention, NormalizedBoxes, ResizedPixelBoxes
-from gpg_vl.models.base import ModelAdapter, load_tokenizer, torch_dtype
+from gpg_vl.boxes import BoxConvention, NormalizedBoxes, ResizedPixelBoxes, Size, smart_resize
+from gpg_vl.models.base import EncodedPrompt, ModelAdapter, load_tokenizer, torch_dtype
 from gpg_vl.task import Prompt
 
 # Tokens that only the processor may place: a sampled image pad makes the next forward
 # fail ("Image features and image tokens do not match").
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
-IMAGE_KEYS = ("pixel_values", "image_grid_thw")  # one entry per image (per patch), not per sample
 VISION_ID_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
@@ -100,28 +99,34 @@ class QwenVLAdapter(ModelAdapter):
             return prompt
         return self.processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
-    def build_inputs(self, prompts: list[Prompt], images: list[list[Image.Image]]) -> dict[str, torch.Tensor]:
-        if len(prompts) != len(images):
-            raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+    def encode_batch(self, prompts: list[Prompt], images: list[list[Image.Image]]) -> list[EncodedPrompt]:
+        # One processor call for the batch (much cheaper than one per prompt), split back into prompts.
         texts = [self.render(p) for p in prompts]
-        flat = [img for row in images for img in row]
-        batch = self.processor(text=texts, images=flat or None, padding=True, return_tensors="pt")
-        return dict(batch)
+        flat = [image for row in images for image in row]
+        out = self.processor(text=texts, images=flat or None, padding=True, return_tensors="pt")
+        grids = out.get("image_grid_thw")  # [images, 3]
+        pixels = out["pixel_values"].split(grids.prod(-1).tolist()) if grids is not None else []
+        encoded, first = [], 0
+        for n, (text, row_images) in enumerate(zip(texts, images)):
+            real = out["attention_mask"][n].bool()
+            ids, types = out["input_ids"][n][real], out["mm_token_type_ids"][n][real]  # [P]
+            grid = grids[first:first + len(row_images)] if row_images else None
+            # The multimodal rotary positions, computed here once: later forwards are given them.
+            positions, delta = self.model.model.get_rope_index(ids[None], types[None], image_grid_thw=grid)
+            pixel_values = torch.cat(pixels[first:first + len(row_images)]) if row_images else None
+            encoded.append(EncodedPrompt(text, ids, positions[:, 0], int(delta) + len(ids), pixel_values, grid, types))
+            first += len(row_images)
+        return encoded
 
-    def repeat_samples(self, batch: dict[str, torch.Tensor], images_per_sample: list[int],
-                       repeats: int) -> dict[str, torch.Tensor]:
-        # pixel_values holds each image's patches one after another (t*h*w rows per image).
-        per_image = {k: batch[k] for k in IMAGE_KEYS if k in batch}
-        per_sample = {k: v for k, v in batch.items() if k not in IMAGE_KEYS}
-        out = super().repeat_samples(per_sample, images_per_sample, repeats)
-        if per_image:
-            grids = per_image["image_grid_thw"]  # [n_images, 3]
-            patches = per_image["pixel_values"].split(grids.prod(-1).tolist())
-            starts = [sum(images_per_sample[:i]) for i in range(len(images_per_sample))]
-            order = [start + j for start, n in zip(starts, images_per_sample) for _ in range(repeats) for j in range(n)]
-            out["image_grid_thw"] = grids[order]
-            out["pixel_values"] = torch.cat([patches[i] for i in order])
-        return out
+    def count_prompt_tokens(self, prompt: Prompt, image_sizes: list[Size]) -> int:
+        ip = self.processor.image_processor
+        factor = ip.patch_size * ip.merge_size
+        visual = 0
+        for width, height in image_sizes:
+            w, h = smart_resize(height, width, factor, ip.size.shortest_edge, ip.size.longest_edge)
+            visual += (w // factor) * (h // factor)
+        # Each image is one placeholder token in the rendered text, expanded to its visual tokens.
+        return len(self.tokenizer(self.render(prompt))["input_ids"]) + visual - len(image_sizes)
 
 
 class Qwen2VLAdapter(QwenVLAdapter):

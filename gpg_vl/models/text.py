@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM
 
-from gpg_vl.boxes import PixelBoxes
-from gpg_vl.models.base import ModelAdapter, load_tokenizer, torch_dtype
+from gpg_vl.boxes import PixelBoxes, Size
+from gpg_vl.models.base import EncodedPrompt, ModelAdapter, load_tokenizer, torch_dtype
 from gpg_vl.task import Prompt
 
 
@@ -43,19 +43,26 @@ class TextAdapter(ModelAdapter):
             return prompt
         return self.tokenizer.apply_chat_template(_text_only(prompt), tokenize=False, add_generation_prompt=True)
 
-    def build_inputs(self, prompts: list[Prompt], images: list[list[Image.Image]]) -> dict[str, torch.Tensor]:
+    def _token_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            # A raw prompt gets the tokenizer's own prefix (a BOS token for Llama, none for Qwen).
+            return self.tokenizer(prompt)["input_ids"]
+        # The chat template writes any BOS token itself.
+        return self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"]
+
+    def encode_batch(self, prompts: list[Prompt], images: list[list[Image.Image]]) -> list[EncodedPrompt]:
         if any(images):
-            raise ValueError(f"{self.model_type} is a text-only model but the batch has images")
-        rows = []
+            raise ValueError(f"{self.model_type} is a text-only model but the prompt has images")
+        encoded = []
         for prompt in prompts:
-            if isinstance(prompt, str):
-                # A raw prompt gets the tokenizer's own prefix (a BOS token for Llama, none for Qwen).
-                rows.append(self.tokenizer(prompt)["input_ids"])
-            else:
-                # The chat template writes any BOS token itself.
-                rows.append(self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"])
-        batch = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            ids = torch.tensor(self._token_ids(prompt), dtype=torch.long)  # [P]
+            encoded.append(EncodedPrompt(self.render(prompt), ids, torch.arange(len(ids)).unsqueeze(0), len(ids)))
+        return encoded
+
+    def count_prompt_tokens(self, prompt: Prompt, image_sizes: list[Size]) -> int:
+        if image_sizes:
+            raise ValueError(f"{self.model_type} is a text-only model but the prompt has images")
+        return len(self._token_ids(prompt))
 
 
 class Qwen2Adapter(TextAdapter):
