@@ -11,7 +11,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,hub,eval]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,hub,eval,bench]"
 	touch $@
 
 demo: setup

@@ -89,32 +89,44 @@ def qwen2_tokenizer():
                                    pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
 
 
-def build_model(shape: Shape, folder: Path) -> Path:
-    """A random-init Qwen-VL of `shape` with its tokenizer and image processor, saved in `folder`."""
-    import torch
-    from transformers import AutoTokenizer, GenerationConfig
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+def model_config(shape: Shape, tok):
+    """The family's config at `shape`: text width and depth narrowed, vocabulary and vision
+    geometry (14-pixel patches, 2x2 merge) as released."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
     from gpg_vl.models import tiny
 
+    half = shape.hidden // shape.heads // 2  # rotary pairs of a head, split over (t, h, w) as Qwen2-VL splits them
+    section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+    vocab = max(PADDED_VOCAB, len(tok)) if shape.tokenizer == "qwen" else len(tok)
+    text = dict(tiny.text_kwargs(tok), vocab_size=vocab, hidden_size=shape.hidden, intermediate_size=4 * shape.hidden,
+                num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                num_key_value_heads=max(1, shape.heads // 2),
+                rope_parameters=dict(tiny.ROPE, rope_theta=1e6, mrope_section=section))
+    if shape.family == "qwen2_vl":
+        vision = dict(depth=shape.vision_depth, embed_dim=128, hidden_size=shape.hidden, num_heads=4, mlp_ratio=4)
+        return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
+                             **tiny.vision_token_ids(tok))
+    vision = dict(depth=shape.vision_depth, hidden_size=128, intermediate_size=256, out_hidden_size=shape.hidden,
+                  num_heads=4, window_size=112, fullatt_block_indexes=[shape.vision_depth - 1], tokens_per_second=2)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
+                            **tiny.vision_token_ids(tok))
+
+
+def build_model(shape: Shape, folder: Path) -> Path:
+    """A random-init Qwen-VL of `shape` with its tokenizer and image processor, saved in `folder`."""
+    import torch
+    from transformers import GenerationConfig
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from gpg_vl.models import tiny
+    from gpg_vl.models.base import load_tokenizer
+
     if (folder / "config.json").is_file():
         return folder
-    tok = qwen2_tokenizer() if shape.tokenizer == "qwen" else AutoTokenizer.from_pretrained(shape.tokenizer)
-    make_config, model_cls = tiny.FAMILIES[shape.family]
-    config = make_config(tok)
-    text = config.text_config
-    text.vocab_size = max(PADDED_VOCAB, len(tok)) if shape.tokenizer == "qwen" else len(tok)
-    text.hidden_size, text.intermediate_size = shape.hidden, 4 * shape.hidden
-    text.num_hidden_layers, text.num_attention_heads = shape.layers, shape.heads
-    text.num_key_value_heads = max(1, shape.heads // 2)
-    half = shape.hidden // shape.heads // 2  # rotary pairs of a head, split over (t, h, w) as Qwen2-VL splits them
-    text.rope_parameters["mrope_section"] = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
-    vision = config.vision_config
-    vision.depth = shape.vision_depth
-    if shape.family == "qwen2_vl":
-        vision.hidden_size, vision.embed_dim = shape.hidden, 128
-    else:
-        vision.hidden_size, vision.intermediate_size, vision.out_hidden_size = 128, 256, shape.hidden
+    tok = qwen2_tokenizer() if shape.tokenizer == "qwen" else load_tokenizer(shape.tokenizer)
+    config = model_config(shape, tok)
+    model_cls = tiny.FAMILIES[shape.family][1]
     torch.manual_seed(0)
     model = model_cls(config).eval()
     end = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]

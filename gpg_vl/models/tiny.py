@@ -100,36 +100,36 @@ def build_tokenizer(seed: int = 0) -> PreTrainedTokenizerFast:
     return tok
 
 
-def _text_kwargs(tok: PreTrainedTokenizerFast) -> dict:
+def text_kwargs(tok: PreTrainedTokenizerFast) -> dict:
     return dict(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
                 num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
                 max_position_embeddings=4096, bos_token_id=None,
                 eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
 
 
-def _vision_token_ids(tok: PreTrainedTokenizerFast) -> dict:
+def vision_token_ids(tok: PreTrainedTokenizerFast) -> dict:
     ids = tok.convert_tokens_to_ids
     return dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
                 vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
 
 
 def qwen2_vl_config(tok: PreTrainedTokenizerFast) -> Qwen2VLConfig:
-    text = dict(_text_kwargs(tok), rope_parameters=dict(ROPE, mrope_section=MROPE_SECTION))
+    text = dict(text_kwargs(tok), rope_parameters=dict(ROPE, mrope_section=MROPE_SECTION))
     vision = dict(depth=2, embed_dim=32, hidden_size=HIDDEN, num_heads=4, mlp_ratio=2)
-    return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **_vision_token_ids(tok))
+    return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **vision_token_ids(tok))
 
 
 def qwen2_5_vl_config(tok: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
-    text = dict(_text_kwargs(tok), rope_parameters=dict(ROPE, mrope_section=MROPE_SECTION))
+    text = dict(text_kwargs(tok), rope_parameters=dict(ROPE, mrope_section=MROPE_SECTION))
     # Window attention in layer 0, full attention in layer 1, as in the real model's mix.
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=HIDDEN, num_heads=4,
                   window_size=56, fullatt_block_indexes=[1], tokens_per_second=2)
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
-                            **_vision_token_ids(tok))
+                            **vision_token_ids(tok))
 
 
 def qwen2_config(tok: PreTrainedTokenizerFast) -> Qwen2Config:
-    return Qwen2Config(**_text_kwargs(tok), rope_parameters=dict(ROPE), tie_word_embeddings=True)
+    return Qwen2Config(**text_kwargs(tok), rope_parameters=dict(ROPE), tie_word_embeddings=True)
 
 
 FAMILIES = {
