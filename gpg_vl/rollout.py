@@ -18,6 +18,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from gpg_vl.models.base import EncodedPrompt, collate, continued_positions, squeeze_axes
 from gpg_vl.task import Row, ScoreContext, Task
@@ -117,16 +118,18 @@ def keep_top_p(weights: Tensor, top_p: float) -> Tensor:
 
 
 def pick_tokens(logits: Tensor, sampling: SamplingSettings, suppressed: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Next tokens [N] from raw logits [N, V], and log pi_T of each (pi_T over the whole
+    """Next tokens [N] from raw logits [N, V] (`suppressed`: ids never drawn), and log pi_T of each (pi_T over the whole
     vocabulary: suppression, top-k and top-p shape what is drawn, not the policy's
     probability). Order of the rule: suppress, temperature, top-k, top-p, draw."""
-    scaled = logits.float() if sampling.greedy else logits.float() / sampling.temperature  # [N, V]
+    scaled = logits.float()
+    if not sampling.greedy and sampling.temperature != 1.0:
+        scaled = scaled / sampling.temperature  # [N, V]
     peak = scaled.amax(dim=-1, keepdim=True)  # [N, 1]
     weights = torch.exp(scaled - peak)  # [N, V]
     log_norm = peak + weights.sum(dim=-1, keepdim=True).log()  # [N, 1]
     if suppressed is not None:
         # A sampled vision token (<|image_pad|>, ...) breaks the next forward pass: never drawn.
-        weights = weights.masked_fill(suppressed, 0.0)
+        weights[:, suppressed] = 0.0
     if sampling.greedy:
         tokens = weights.argmax(dim=-1)
     else:
@@ -143,21 +146,47 @@ def pick_tokens(logits: Tensor, sampling: SamplingSettings, suppressed: Tensor |
 # ---------------------------------------------------------------- the Hugging Face engine
 
 
+class _RoomyLayer(DynamicLayer):
+    """A full-attention cache layer with room for the whole rollout allocated up front: each
+    decoding step writes its token's keys/values in place (growing by concatenation would
+    copy the whole cache at every token)."""
+
+    def __init__(self, keys: Tensor, values: Tensor, room: int):
+        super().__init__()
+        n, heads, length, dim = keys.shape
+        self.room_k, self.room_v = keys.new_empty(n, heads, length + room, dim), values.new_empty(n, heads, length + room, dim)
+        self.room_k[..., :length, :], self.room_v[..., :length, :] = keys, values
+        self.length, self.is_initialized = length, True
+        self.dtype, self.device = keys.dtype, keys.device
+        self.keys, self.values = self.room_k[..., :length, :], self.room_v[..., :length, :]
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        end = self.length + key_states.shape[-2]
+        self.room_k[..., self.length:end, :], self.room_v[..., self.length:end, :] = key_states, value_states
+        self.length = end
+        self.keys, self.values = self.room_k[..., :end, :], self.room_v[..., :end, :]
+        return self.keys, self.values
+
+
+def decoding_cache(prefilled: DynamicCache, repeats: int, room: int) -> DynamicCache:
+    """The prefilled prompts' cache, each prompt `repeats` times in a row, with room for
+    `room` more tokens; layers of other kinds (sliding windows) are repeated as they are."""
+    if not all(type(layer) is DynamicLayer for layer in prefilled.layers):
+        prefilled.batch_repeat_interleave(repeats)
+        return prefilled
+    cache = DynamicCache()
+    cache.layers = [_RoomyLayer(layer.keys.repeat_interleave(repeats, dim=0),
+                                layer.values.repeat_interleave(repeats, dim=0), room) for layer in prefilled.layers]
+    return cache
+
+
 class HFEngine:
     """Generation with the training model's own weights, through Hugging Face forward calls."""
 
     def __init__(self, adapter):
         self.adapter = adapter
-        self._suppressed: Tensor | None = None
-
-    def suppressed_mask(self, vocab_size: int, device) -> Tensor | None:
-        ids = self.adapter.suppressed_token_ids
-        if not ids:
-            return None
-        if self._suppressed is None or self._suppressed.device != device or len(self._suppressed) != vocab_size:
-            self._suppressed = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            self._suppressed[torch.tensor(ids, device=device)] = True
-        return self._suppressed
+        ids = sorted(set(adapter.suppressed_token_ids))
+        self._suppressed = torch.tensor(ids, dtype=torch.long) if ids else None
 
     @torch.no_grad()
     def generate(self, prompts: list[EncodedPrompt], group_size: int, sampling: SamplingSettings) -> Generated:
@@ -165,16 +194,16 @@ class HFEngine:
         device = next(model.parameters()).device
         batch = collate(prompts, adapter.pad_token_id).to(device)
         # Prefill once per prompt (image included), then G copies of its cache.
-        cache = DynamicCache(config=model.config)
-        out = model(**batch.model_inputs(), past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache.batch_repeat_interleave(group_size)
+        prefilled = DynamicCache(config=model.config)
+        out = model(**batch.model_inputs(), past_key_values=prefilled, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)  # [N, V]
         n, p, t_max = logits.shape[0], batch.input_ids.shape[1], sampling.max_new_tokens
+        cache = decoding_cache(prefilled, group_size, t_max)
         attention = torch.cat([batch.attention_mask.repeat_interleave(group_size, dim=0),
                                batch.attention_mask.new_ones(n, t_max)], dim=1)  # [N, P + T_max]
         start = batch.next_position.repeat_interleave(group_size)  # [N]
         eos = torch.tensor(adapter.eos_token_ids, device=device)
-        suppressed = self.suppressed_mask(logits.shape[-1], device)
+        suppressed = self._suppressed.to(device) if self._suppressed is not None else None
         ids = torch.full((n, t_max), adapter.pad_token_id, dtype=torch.long, device=device)
         mask = torch.zeros((n, t_max), dtype=torch.long, device=device)
         logprobs = torch.zeros((n, t_max), dtype=torch.float32, device=device)
