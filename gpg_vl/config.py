@@ -334,6 +334,7 @@ def validate(cfg: Config) -> None:
            "train.logprob_chunk, train.log_every and train.keep_checkpoints must be >= 1")
     _check(cfg.task.on_bad_row in ("error", "skip"), "task.on_bad_row must be 'error' or 'skip'")
     _check(cfg.task.eval_size >= 0, "task.eval_size must be >= 0 (0 = the whole split)")
+    _check(cfg.task.max_image_pixels >= 1, "task.max_image_pixels must be >= 1")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -34,6 +34,7 @@ Row = dict[str, Any]
 Prompt = Union[list[dict[str, Any]], str]
 
 ENTRY_POINT_GROUP = "gpg_vl.tasks"
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default limit (Image.MAX_IMAGE_PIXELS)
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "tasks"
 
 
@@ -71,6 +72,8 @@ class TaskConfig:
     """Folder that image paths in the data are relative to; empty = the data file's folder."""
     on_bad_row: str = "error"
     """An unusable row: 'error' stops naming the file and row; 'skip' drops it and reports the count."""
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    """Largest image (width x height, before resizing) a row may have; a larger one is a bad row (a guard against decompression bombs)."""
     train_split: str = "train"
     """Split used for training."""
     eval_split: str = "test"
@@ -98,6 +101,14 @@ class Task(ABC):
 
     def __init__(self, config: TaskConfig):
         self.config = config
+        self.load_reports: dict[str, Any] = {}
+        """split -> the gpg_vl.datafiles.LoadReport of each split read from files."""
+
+    def skipped_rows(self, split: str) -> int:
+        """Bad rows dropped (task.on_bad_row=skip) when `split` was read; 0 for a split not read
+        yet or not read from files."""
+        report = self.load_reports.get(split)
+        return report.skipped if report is not None else 0
 
     @abstractmethod
     def rows(self, split: str) -> Sequence[Row]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from gpg_vl.datafiles import BadRowError, ImageRowTask, load_rows, open_image
+from gpg_vl.datafiles import BadRowError, ImageRowTask, load_split, open_image
 from gpg_vl.rewards import extract_tag, has_think_answer_format, normalize_number, numbers_match, symbolic_equal
 from gpg_vl.task import Prompt, Row, ScoreContext, TaskConfig, image_chat, register_task
 
@@ -92,8 +92,7 @@ class GeoQATask(ImageRowTask):
 
     def rows(self, split: str) -> list[Row]:
         if split not in self._rows:
-            c = self.config
-            self._rows[split], _ = load_rows(c.data_path or str(SAMPLE_DIR), split, convert, c.on_bad_row, c.image_root)
+            self._rows[split] = load_split(self, self.config.data_path or str(SAMPLE_DIR), split, convert)
         return self._rows[split]
 
     def prompt(self, row: Row) -> Prompt:

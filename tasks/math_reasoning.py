@@ -14,7 +14,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from gpg_vl.datafiles import BadRowError, load_rows
+from gpg_vl.datafiles import BadRowError, load_split
 from gpg_vl.rewards import last_boxed, symbolic_equal
 from gpg_vl.task import Prompt, Row, ScoreContext, Task, TaskConfig, register_task
 
@@ -95,9 +95,8 @@ class _MathTask(Task):
 
     def rows(self, split: str) -> list[Row]:
         if split not in self._rows:
-            c = self.config
-            path = c.data_path or str(SAMPLES / self.sample)
-            self._rows[split], _ = load_rows(path, split, self.convert, c.on_bad_row, c.image_root)
+            path = self.config.data_path or str(SAMPLES / self.sample)
+            self._rows[split] = load_split(self, path, split, self.convert)
         return self._rows[split]
 
     def prompt(self, row: Row) -> Prompt:

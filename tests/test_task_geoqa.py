@@ -144,6 +144,7 @@ def test_train_layout_and_empty_split(tmp_path):
         task = make(data_path=str(tmp_path), on_bad_row="skip")
         (row,) = task.rows("train")
     assert row["answer"] == "2√3" and task.images(row)[0].size == (20, 20)
+    assert (task.skipped_rows("train"), task.skipped_rows("test")) == (2, 0)  # what the trainer logs
     (tmp_path / "test.jsonl").write_text("")
     with pytest.raises(BadRowError, match="no usable rows"):
         task.rows("test")
