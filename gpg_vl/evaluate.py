@@ -381,6 +381,7 @@ def part_summary(s: EvalSettings, part: Part, records: list[dict], masks: dict[s
                "reward_means": {c: sum(x[c] for r in records for x in r["scores"]) / (len(records) * s.samples)
                                 for c in task.reward_components},
                "failed": sum(sum(r["failed"]) for r in records),
+               "skipped_rows": task.skipped_rows(part.split),  # bad rows dropped at load (on_bad_row=skip)
                "no_answer": sum(a is None for r in records for a in r["answers"])}
     if masks is not None:
         extra, summary["masks_missing"] = mask_columns(part, records, masks)

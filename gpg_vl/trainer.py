@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from gpg_vl import algorithm as alg
-from gpg_vl.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
+from gpg_vl.checkpoint import finish_interrupted, list_checkpoints, resolve_resume, save_checkpoint
 from gpg_vl.config import Config, to_dict
 from gpg_vl.data import PromptStream
 from gpg_vl.metrics import PLOT_FILE, MetricsLogger, format_line, plot_curves, truncate_after
@@ -152,6 +152,7 @@ class Trainer:
             self.budget = ("steps", t.max_steps)
         else:
             self.budget = ("batches", total_batches)
+        finish_interrupted(acc, t.output_dir)
         resume_from = resolve_resume(t.output_dir, t.resume)
         if resume_from is None and list_checkpoints(t.output_dir):
             raise FileExistsError(f"{t.output_dir} holds checkpoints of an earlier run: pass --resume "
@@ -161,6 +162,10 @@ class Trainer:
             acc.print(f"resumed from {resume_from} at step {self.state.step}")
         resume_step = self.state.step if resume_from is not None else None
         self.logger = MetricsLogger(t.output_dir, acc.is_main_process, t.tensorboard, resume_step)
+        if resume_step is None:  # the rows used, and the bad rows dropped (task.on_bad_row=skip)
+            self.logger.log(0, {"data/train_rows": len(self.train_rows), "data/eval_rows": len(self.eval_rows),
+                                "data/train_rows_skipped": self.task.skipped_rows(cfg.task.train_split),
+                                "data/eval_rows_skipped": self.task.skipped_rows(cfg.task.eval_split)})
         self.rank_log = Path(t.output_dir) / "ranks" / f"rank{acc.process_index}.jsonl"
         self.rank_log.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:

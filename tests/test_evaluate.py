@@ -173,6 +173,18 @@ def test_lisa_splits_and_a_math_suite_side_by_side(tmp_path):
     assert [r["part"] for r in items(tmp_path / "math")] == ["aime24", "aime24", "amc23", "amc23"]
 
 
+def test_the_summary_counts_the_bad_rows_skipped(tmp_path):
+    rows = [{"question": "1 + 1?", "answer": "2"}, {"question": "no answer"}, {"question": "2 + 2?", "answer": "4"},
+            {"question": "3 + 3?", "answer": "6", "deep": json.loads("[" * 120 + "]" * 120)}]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = settings(tmp_path / "out", "math", "qwen2", data_path=str(tmp_path))
+    with pytest.raises(EvalError, match="test.jsonl, row 1: no answer field"):
+        evaluate(s)
+    with pytest.warns(UserWarning, match="skipped 2 bad rows"):
+        summary = evaluate(settings(tmp_path / "out", "math", "qwen2", data_path=str(tmp_path), on_bad_row="skip"))
+    assert summary["parts"][0]["items"] == 2 and summary["parts"][0]["skipped_rows"] == 2
+
+
 @pytest.mark.parametrize("args, message", [
     (["--task", "lisa", "--split", "val"], "cannot read split 'val' of the bundled sample"),
     (["--task", "lisa", "--data-path", "/no/such/folder"], "data path not found: /no/such/folder"),
