@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Sequence, Union
 from PIL import Image
 
 from gpg_vl.boxes import BoxConvention
+from gpg_vl.rewards import REWARD_TIMEOUT_S
 
 Row = dict[str, Any]
 # A chat: [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}].
@@ -80,6 +81,10 @@ class TaskConfig:
     """Split used for held-out greedy evaluation during training; empty = no evaluation."""
     eval_size: int = 64
     """Rows of the evaluation split scored at each evaluation (0 = all)."""
+    reward_timeout_s: float = REWARD_TIMEOUT_S
+    """Seconds one completion's reward may take (a symbolic check, say); one that runs longer scores 0 and is counted in reward_failures."""
+    reward_workers: int = 2
+    """Processes that score a batch's completions side by side, each stopped at reward_timeout_s; 0 = score in the trainer's process (then only symbolic checks are time-limited)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Task-specific settings, documented in the task's class docstring."""
 
