@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig
 
+from gpg_vl.scoring import score_completions
 from gpg_vl.task import Row, ScoreContext, Task
 
 
@@ -36,7 +37,7 @@ class Scored(NamedTuple):
     components: dict[str, Tensor]
     """name -> [N] each reward component."""
     failures: int
-    """Completions whose reward raised (scored 0)."""
+    """Completions whose reward raised or overran task.reward_timeout_s (scored 0)."""
 
 
 def completion_mask(completion_ids: Tensor, eos_ids: list[int]) -> Tensor:
@@ -90,11 +91,12 @@ def generate(model, adapter, task: Task, rows: list[Row], group_size: int, *, gr
 
 
 def score(task: Task, rollout: Rollout, ctx: ScoreContext, group_size: int) -> Scored:
-    """Reward every completion; a reward that raises scores 0 and is counted."""
+    """Reward every completion, in the task's reward workers (gpg_vl/scoring.py); a reward that
+    raises or overruns its time limit scores 0 and is counted."""
     values = {k: [] for k in task.reward_components}
     totals, failures = [], 0
-    for i, text in enumerate(rollout.texts):
-        comps, ok = task.safe_score(text, rollout.rows[i // group_size], ctx)
+    rows = [rollout.rows[i // group_size] for i in range(len(rollout.texts))]
+    for comps, ok in score_completions(task, rollout.texts, rows, ctx):
         failures += not ok
         totals.append(task.total_reward(comps))
         for k, v in comps.items():

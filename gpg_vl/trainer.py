@@ -25,6 +25,7 @@ from gpg_vl.config import Config, to_dict
 from gpg_vl.data import PromptStream
 from gpg_vl.metrics import PLOT_FILE, MetricsLogger, format_line, plot_curves, truncate_after
 from gpg_vl.rollout import Scored, generate, score
+from gpg_vl.scoring import start_reward_workers
 from gpg_vl.task import Row, ScoreContext, Task, build_task
 
 
@@ -116,6 +117,7 @@ class Trainer:
         self.task: Task = build_task(cfg.task)
         self.train_rows = list(self.task.rows(cfg.task.train_split))
         self.eval_rows = self._eval_rows()
+        start_reward_workers(self.task)  # after every split is read: the workers get a copy of the task
         self.local_groups = t.prompts_per_device * t.grad_accum
         self.stream = PromptStream(len(self.train_rows), self.local_groups * acc.num_processes, t.seed,
                                    acc.process_index, acc.num_processes)

@@ -15,6 +15,7 @@ import gpg_vl.evaluate as ev
 from gpg_vl.cli import main
 from gpg_vl.eval_metrics import encode_rle
 from gpg_vl.evaluate import EvalError, EvalSettings, Part, evaluate, item_record
+from gpg_vl.scoring import score_completions
 from gpg_vl.task import ScoreContext, Task, TaskConfig, build_task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +73,9 @@ def test_a_record_holds_the_prompt_the_parsed_box_and_the_score():
     ctx = ScoreContext(boxes=adapter.box_convention)
     gold = adapter.box_convention.from_pixels(tuple(row["box"]), tuple(row["image_size"]))  # the 0-1000 grid
     right = f"<think>it is there</think> <answer>({gold[0]},{gold[1]}),({gold[2]},{gold[3]})</answer>"
-    record = item_record(Part("test", "test", "", task, [row]), 0, row, [right, "no idea"], adapter, ctx)
+    texts = [right, "no idea"]
+    record = item_record(Part("test", "test", "", task, [row]), 0, row, texts,
+                         score_completions(task, texts, [row] * 2, ctx), adapter, ctx)
     assert record["prompt"] == adapter.render(task.prompt(row)) and "Output the bounding box" in record["prompt"]
     assert record["id"] == row["id"] and record["completions"] == [right, "no idea"]
     assert record["answers"][0] == pytest.approx(row["box"], abs=0.1) and record["answers"][1] is None
@@ -105,9 +108,10 @@ def test_a_failing_reward_or_parser_is_a_flagged_zero():
 
     adapter = load_adapter(str(TINY / "qwen2"))
     task = Brittle(TaskConfig(name="brittle"))
-    row = task.rows("test")[0]
-    record = item_record(Part("test", "test", "", task, [row]), 0, row, ["yes", "boom", "YES"], adapter,
-                         ScoreContext(boxes=adapter.box_convention))
+    row, ctx = task.rows("test")[0], ScoreContext(boxes=adapter.box_convention)
+    texts = ["yes", "boom", "YES"]
+    scored = score_completions(task, texts, [row] * 3, ctx)  # in reward workers: the task is a test module's class
+    record = item_record(Part("test", "test", "", task, [row]), 0, row, texts, scored, adapter, ctx)
     assert [s["accuracy"] for s in record["scores"]] == [1.0, 0.0, 0.0]
     assert record["failed"] == [False, True, True] and record["answers"] == ["yes", "boom", None]
 
