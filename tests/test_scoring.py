@@ -4,6 +4,9 @@ ceil(N / workers) limits."""
 
 import gc
 import math
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -120,3 +123,13 @@ def test_a_killed_zygote_is_restarted_and_the_pool_ends_with_its_task():
     del task, pool
     gc.collect()
     assert proc.poll() is not None  # the zygote has exited, and with it its workers
+
+
+def test_the_benchmark_script_runs_and_prints_its_figures():
+    done = subprocess.run([sys.executable, "scripts/bench_scoring.py", "--repeats", "1", "--adversarial", "2",
+                           "--ordinary", "8"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("adversarial: 2 symbolic bombs: in process ") and "failed: 0 / 2 of 2" in lines[0]
+    assert lines[1].startswith("ordinary: 8 lisa completions") and "failed: 0 / 0 of 8" in lines[1]
