@@ -121,12 +121,18 @@ class RewardPool:
             pass_fds=[there.fileno()], stdin=subprocess.DEVNULL, stdout=sys.__stderr__, env=rewards.subprocess_env())
         there.close()
         self.conn, self.ready = here, False
-        here.send(self.setup)
+        try:
+            here.send(self.setup)
+        except OSError:  # it exited at once; _wait_ready says so
+            pass
 
     def _wait_ready(self) -> None:
         if self.ready:
             return
-        reply = self.conn.recv() if self.conn.poll(START_S) else ("error", f"no answer in {START_S:.0f} s")
+        try:
+            reply = self.conn.recv() if self.conn.poll(START_S) else ("error", f"no answer in {START_S:.0f} s")
+        except (EOFError, OSError):
+            reply = ("error", "it exited (its messages are above)")
         if reply != "ready":
             self.close()
             raise RuntimeError(f"the reward workers of task {self.name!r} did not start: {reply[1]}")

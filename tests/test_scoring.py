@@ -112,6 +112,17 @@ def test_a_task_that_cannot_be_copied_to_the_workers_is_refused_at_the_start():
         start_reward_workers(Unpicklable(TaskConfig(name="unpicklable")))
 
 
+def test_a_task_the_workers_cannot_import_stops_with_the_reason(monkeypatch):
+    import types
+
+    ghost = types.ModuleType("ghost_tasks")  # importable here only: not a file on the path
+    ghost.Ghost = type("Ghost", (Unpicklable,), {"__module__": "ghost_tasks", "__init__": Task.__init__})
+    monkeypatch.setitem(sys.modules, "ghost_tasks", ghost)
+    task = ghost.Ghost(TaskConfig(name="ghost"))
+    with pytest.raises(RuntimeError, match="did not start: ModuleNotFoundError: No module named 'ghost_tasks'"):
+        score_completions(task, ["a"], [{}], CTX)
+
+
 def test_a_killed_zygote_is_restarted_and_the_pool_ends_with_its_task():
     task = unruly()
     rows = task.rows("train")
