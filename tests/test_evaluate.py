@@ -107,10 +107,10 @@ def test_a_failing_reward_or_parser_is_a_flagged_zero():
     from gpg_vl.models import load_adapter
 
     adapter = load_adapter(str(TINY / "qwen2"))
-    task = Brittle(TaskConfig(name="brittle"))
+    task = Brittle(TaskConfig(name="brittle", reward_workers=0))  # the pool's own failures: tests/test_scoring.py
     row, ctx = task.rows("test")[0], ScoreContext(boxes=adapter.box_convention)
     texts = ["yes", "boom", "YES"]
-    scored = score_completions(task, texts, [row] * 3, ctx)  # in reward workers: the task is a test module's class
+    scored = score_completions(task, texts, [row] * 3, ctx)
     record = item_record(Part("test", "test", "", task, [row]), 0, row, texts, scored, adapter, ctx)
     assert [s["accuracy"] for s in record["scores"]] == [1.0, 0.0, 0.0]
     assert record["failed"] == [False, True, True] and record["answers"] == ["yes", "boom", None]

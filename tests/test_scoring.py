@@ -137,10 +137,11 @@ def test_a_killed_zygote_is_restarted_and_the_pool_ends_with_its_task():
 
 
 def test_the_benchmark_script_runs_and_prints_its_figures():
-    done = subprocess.run([sys.executable, "scripts/bench_scoring.py", "--repeats", "1", "--adversarial", "2",
+    done = subprocess.run([sys.executable, "scripts/bench_scoring.py", "--repeats", "1", "--adversarial", "1",
                            "--ordinary", "8"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
-    assert lines[0].startswith("adversarial: 2 symbolic bombs: in process ") and "failed: 0 / 2 of 2" in lines[0]
+    # In process an overrun symbolic check is a wrong answer; in the pool a killed reward, counted.
+    assert lines[0].startswith("adversarial: 1 symbolic bombs: in process ") and "failed: 0 / 1 of 1" in lines[0]
     assert lines[1].startswith("ordinary: 8 lisa completions") and "failed: 0 / 0 of 8" in lines[1]
