@@ -5,9 +5,7 @@ adversarial answer, inside C code that nothing but killing its process stops. So
 completions of a batch go one at a time to `task.reward_workers` processes; a worker that
 overruns `task.reward_timeout_s` on a completion is killed, the completion scores 0 on
 every component and is counted as a failure (as a reward that raises is), and a fresh worker
-takes its place at once. N completions take at most about ceil(N / workers) limits. The
-time a worker spends waiting for a CPU on a busy machine is not counted (Linux), so a cheap
-reward is never killed for the machine's load, and runs score alike however busy it was.
+takes its place at once. N completions take at most about ceil(N / workers) limits.
 
 How the processes are made, and why:
 - The trainer's process has torch loaded (its thread pools, perhaps CUDA), which a fork must
@@ -54,7 +52,6 @@ Score = tuple[dict[str, float], bool]
 WORKER_MEMORY = 2 << 30  # bytes of address space a worker may add to the zygote's
 START_S = 120.0  # for the zygote's imports on a busy machine; no completion's limit
 MAX_POOLS = 2  # live pools per process (one per task): an evaluation of a suite builds many tasks
-RECHECK_S = 0.05  # how soon an overdue worker that is waiting for a CPU is looked at again
 
 
 def score_completions(task: Task, texts: Sequence[str], rows: Sequence[Row], ctx: ScoreContext) -> list[Score]:
@@ -144,9 +141,8 @@ class RewardPool:
     def score(self, texts: list[str], rows: list[Row], ctx: ScoreContext) -> list[Score]:
         if not texts:
             return []
-        # Only a zygote stopped from outside waits this long (one that dies is seen at once): the
-        # limits hold inside, stretched on a busy machine by the time its workers wait for a CPU.
-        patience = START_S + 10 * math.ceil(len(texts) / self.workers) * (self.timeout_s + 1.0)
+        # Only a broken zygote (killed from outside, say) waits this long: the limits hold inside.
+        patience = START_S + math.ceil(len(texts) / self.workers) * (self.timeout_s + 1.0)
         for attempt in (1, 2):
             if self.proc is None:
                 self._start()
@@ -241,44 +237,25 @@ class _Workers:
         os.waitpid(pid, 0)
         self.procs[w] = self._fork()
 
-    def _overran(self, w: int, job: list) -> bool:
-        """Whether the worker's completion has had its time: wall time since it was sent, less
-        the time the worker waited for a CPU (a busy machine's delay is not the reward's: so a
-        cheap reward scores the same however loaded the machine). Else the deadline moves on."""
-        _, start, ran_before, waited_before, _ = job
-        pid, now = self.procs[w][0], time.monotonic()
-        ran, waited = _cpu_time(pid)
-        if ran - ran_before >= self.timeout_s:
-            return True
-        spent = now - start - (waited - waited_before)
-        if spent < self.timeout_s:
-            job[4] = now + self.timeout_s - spent
-            return False
-        if _runnable(pid):  # its present wait for a CPU is counted only once it runs again: look again soon
-            job[4] = now + RECHECK_S
-            return False
-        return True
-
     def score(self, texts: list[str], rows: list[Row], ctx: ScoreContext) -> list[Score]:
         results: list[Score | None] = [None] * len(texts)
         todo = collections.deque(range(len(texts)))
-        busy: dict[int, list] = {}  # worker -> [completion, start, its CPU time and CPU wait then, deadline]
+        busy: dict[int, tuple[int, float]] = {}  # worker -> (completion, deadline)
         while todo or busy:
             for w in range(len(self.procs)):
                 if w not in busy and todo:
                     i = todo.popleft()
                     try:
                         self.procs[w][1].send((texts[i], rows[i], ctx))
-                        now = time.monotonic()
-                        busy[w] = [i, now, *_cpu_time(self.procs[w][0]), now + self.timeout_s]
+                        busy[w] = (i, time.monotonic() + self.timeout_s)
                     except OSError:  # the worker died between completions
                         todo.appendleft(i)
                         self._replace(w)
             if not busy:  # every send found a dead worker, now replaced: send again
                 continue
-            wait([self.procs[w][1] for w in busy], max(0.0, min(j[4] for j in busy.values()) - time.monotonic()))
-            for w, job in list(busy.items()):
-                i, conn = job[0], self.procs[w][1]
+            wait([self.procs[w][1] for w in busy], max(0.0, min(d for _, d in busy.values()) - time.monotonic()))
+            for w, (i, deadline) in list(busy.items()):
+                conn = self.procs[w][1]
                 if conn.poll(0):  # an answer (read before any deadline is judged), or the worker's end
                     del busy[w]
                     try:
@@ -293,7 +270,7 @@ class _Workers:
                     else:
                         results[i] = self.zero
                     self._replace(w)
-                elif time.monotonic() >= job[4] and self._overran(w, job):
+                elif time.monotonic() >= deadline:
                     del busy[w]
                     results[i] = self.zero
                     self._replace(w)
@@ -313,25 +290,6 @@ class _Workers:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         self.procs = []
-
-
-def _cpu_time(pid: int) -> tuple[float, float]:
-    """Seconds the process has run on a CPU, and waited runnable for one (Linux's schedstat);
-    (0, 0) where the kernel does not say: the limit is then plain wall time."""
-    try:
-        with open(f"/proc/{pid}/schedstat") as f:
-            ran, waited = f.read().split()[:2]
-        return int(ran) / 1e9, int(waited) / 1e9
-    except (OSError, ValueError):
-        return 0.0, 0.0
-
-
-def _runnable(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] == "R"  # the state, after the (name)
-    except (OSError, IndexError):
-        return False
 
 
 def _serve(task: Task, conn: Connection) -> NoReturn:

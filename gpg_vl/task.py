@@ -82,7 +82,7 @@ class TaskConfig:
     eval_size: int = 64
     """Rows of the evaluation split scored at each evaluation (0 = all)."""
     reward_timeout_s: float = REWARD_TIMEOUT_S
-    """Seconds one completion's reward may take (a symbolic check, say; time spent waiting for a CPU on a busy machine not counted); one that runs longer scores 0 and is counted in reward_failures."""
+    """Seconds one completion's reward may take (a symbolic check, say); one that runs longer scores 0 and is counted in reward_failures."""
     reward_workers: int = 2
     """Processes that score a batch's completions side by side, each stopped at reward_timeout_s; 0 = score in the trainer's process (then only symbolic checks are time-limited)."""
     options: dict[str, Any] = field(default_factory=dict)

@@ -57,43 +57,18 @@ def test_a_batch_of_slow_completions_is_bounded_by_its_share_of_limits():
     start_reward_workers(task)
     score_completions(task, ["warm"], rows[:1], CTX)  # the zygote has started: time the scoring only
     start = time.monotonic()
-    got = score_completions(task, ["slow"] * n, [rows[0]] * n, CTX)
+    got = score_completions(task, ["slow", "spin"] * (n // 2), [rows[0]] * n, CTX)
     took = time.monotonic() - start
     assert got == [({"accuracy": 0.0}, False)] * n
     # Each completion is stopped at the limit, two at a time: 12 x 0.5 / 2 = 3 s (each would take 60 s;
     # one worker with the limit would take 6 s). The slack is for killing and forking 12 workers.
     bound = limit * n / workers
     assert bound - 0.05 <= took < bound + 1.0, took
-    # The replaced workers score the next batch at once; a reward spinning on the CPU is stopped too
-    # (at 0.5 s of the CPU time it gets: on a busy machine later than 0.5 s of wall time).
+    # The replaced workers score the next batch at once.
     start = time.monotonic()
-    assert score_completions(task, ["a", "spin", "bc"], rows[:3], CTX) == \
+    assert score_completions(task, ["a", "slow", "bc"], rows[:3], CTX) == \
         [({"accuracy": 1.0}, True), ({"accuracy": 0.0}, False), ({"accuracy": 4.0}, True)]
-    assert time.monotonic() - start < 30
-
-
-def test_a_cheap_reward_starved_of_cpu_by_a_busy_machine_is_not_killed():
-    import subprocess as sp
-
-    task = unruly(timeout_s=0.3, workers=1)
-    rows = task.rows("train")
-    pool = pool_for(task)
-    assert score_completions(task, ["work"], rows[:1], CTX) == [({"accuracy": 4.0}, True)]
-    (worker,) = Path(f"/proc/{pool.proc.pid}/task/{pool.proc.pid}/children").read_text().split()
-    hog = sp.Popen([sys.executable, "-c", "while True: pass"])
-    try:  # the worker shares one CPU with a busy process and yields to it (nice 19 against 0)
-        os.sched_setaffinity(int(worker), {0})
-        os.sched_setaffinity(hog.pid, {0})
-        os.setpriority(os.PRIO_PROCESS, int(worker), 19)
-        start = time.monotonic()
-        got = score_completions(task, ["work"], rows[:1], CTX)  # 20 ms of CPU time
-        took = time.monotonic() - start
-    finally:
-        hog.kill()
-        hog.wait()
-    if took < 0.3:
-        pytest.skip(f"the machine gave the worker its CPU in {took:.2f} s: no starvation to test")
-    assert got == [({"accuracy": 4.0}, True)], took  # not killed at 0.3 s of wall time
+    assert time.monotonic() - start < limit + 0.5
 
 
 def test_a_symbolic_bomb_is_stopped_in_the_worker_and_the_right_answers_still_count():
@@ -108,9 +83,7 @@ def test_a_symbolic_bomb_is_stopped_in_the_worker_and_the_right_answers_still_co
     took = time.monotonic() - start
     assert got == [({"accuracy": 0.0}, False), ({"accuracy": 1.0}, True), ({"accuracy": 0.0}, False),
                    ({"accuracy": 1.0}, True), ({"accuracy": 0.0}, False), ({"accuracy": 0.0}, True)]
-    # 3 bombs of 1 s over two workers: 2 s, and slack; on a busy machine the time each waits for a CPU
-    # is added, which a bomb (spinning on it) can spend 4 times over on 2 loaded cores.
-    assert took < 4 * math.ceil(len(texts) / 2) * 1.0 + 1.5, took
+    assert took < math.ceil(len(texts) / 2) * 1.0 + 1.5, took  # 3 bombs of 1 s over two workers, and slack
 
 
 def test_scoring_in_the_calling_process_gives_the_same_scores():

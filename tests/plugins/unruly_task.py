@@ -1,7 +1,6 @@
 """A test task whose reward misbehaves on demand, named by the completion: "slow" sleeps a
 minute, "spin" loops in Python for a minute, "raise" raises, "crash" kills its own process
-(as a crash in C code would), "nan" returns NaN, "work" computes for 20 ms of CPU time; any
-other completion scores its length."""
+(as a crash in C code would), "nan" returns NaN; any other completion scores its length."""
 
 import math
 import os
@@ -34,8 +33,4 @@ class UnrulyTask(Task):
             os.kill(os.getpid(), signal.SIGSEGV)
         elif completion == "nan":
             return {"accuracy": math.nan}
-        elif completion == "work":
-            end = time.process_time() + 0.02
-            while time.process_time() < end:
-                pass
         return {"accuracy": float(len(completion) + row["id"])}
