@@ -298,7 +298,8 @@ def _verify_here(pred: str, gold: str) -> bool:
 def _serve_symbolic() -> None:
     """Worker loop: one JSON request {"pred", "gold"} per input line, one "1"/"0" per output line."""
     limit_memory(_WORKER_MEMORY)
-    _math_verify()
+    if not warm_symbolic():  # before "ready": no answer's time limit goes on the first check's set-up
+        sys.exit("math-verify is not installed")
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # a stray print from sympy must not be read as a reply
     replies.write("ready\n")
@@ -382,17 +383,31 @@ class _SymbolicWorker:
 
 _SYMBOLIC = _SymbolicWorker()
 atexit.register(_SYMBOLIC.stop)
-_request_module: Callable[[str], NoReturn] | None = None  # set in a reward worker
+_request_warm: Callable[[], NoReturn] | None = None  # set in a reward worker
+_warm = False  # math-verify imported and run once in this process (or in the one it was forked from)
 
 
-def check_symbolic_here(request_module: Callable[[str], NoReturn]) -> None:
+def check_symbolic_here(request_warm: Callable[[], NoReturn]) -> None:
     """From now on run symbolic checks in this process: a reward worker of gpg_vl.scoring, which
-    the pool kills when a completion overruns its limit. `request_module(name)` is called, and
-    does not return, when math-verify is not imported yet: the pool then imports it once, before
-    it forks its workers, and scores the completion again, so that no completion's time limit
-    goes on importing sympy."""
-    global _request_module
-    _request_module = request_module
+    the pool kills when a completion overruns its limit. `request_warm()` is called, and does
+    not return, when math-verify is not warm here yet: the pool then runs `warm_symbolic` once,
+    in the process its workers are forked from, and scores the completion again in a fresh
+    fork, so that no completion's time limit goes on importing sympy or building its parsers."""
+    global _request_warm
+    _request_warm = request_warm
+
+
+def warm_symbolic() -> bool:
+    """Import math-verify and run one check (the first builds its parsers), so that this process
+    and its forks check at full speed from the first answer; False when math-verify is missing."""
+    global _warm
+    try:
+        _math_verify()
+    except ImportError:
+        return False
+    _verify_here("1/2", "0.5")
+    _warm = True
+    return True
 
 
 def symbolic_equal(pred: str, gold: str, timeout_s: float = REWARD_TIMEOUT_S) -> bool:
@@ -404,8 +419,8 @@ def symbolic_equal(pred: str, gold: str, timeout_s: float = REWARD_TIMEOUT_S) ->
     pred, gold = pred.strip(), gold.strip()
     if not pred or not gold or len(pred) > SYMBOLIC_MAX_CHARS or len(gold) > SYMBOLIC_MAX_CHARS:
         return False
-    if _request_module is not None:
-        if "math_verify" not in sys.modules:
-            _request_module("math_verify")
+    if _request_warm is not None:
+        if not _warm:
+            _request_warm()
         return _verify_here(pred, gold)
     return _SYMBOLIC.check(pred, gold, timeout_s)

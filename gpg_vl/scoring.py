@@ -16,9 +16,10 @@ How the processes are made, and why:
 - The zygote runs the dispatch loop (deadlines, kills, replacements) and never a reward: it
   cannot hang. The trainer sends it a batch and waits for one answer.
 - In a worker, symbolic checks run in the worker itself (gpg_vl.rewards.check_symbolic_here),
-  under the pool's limit. math-verify is imported by the zygote the first time a worker needs
-  it, and that completion is scored again by a fresh fork: no completion's limit is spent on
-  importing sympy.
+  under the pool's limit. math-verify is imported and run once by the zygote the first time a
+  worker needs it, and that completion is scored again by a fresh fork: no completion's limit
+  is spent on importing sympy or building its parsers. (Where math-verify is missing, every
+  such completion scores 0, counted.)
 - One BLAS/OpenMP thread per process; a worker's address space may grow by WORKER_MEMORY.
 
 The task is copied when its pool starts: a task must not change what its score reads after
@@ -31,7 +32,6 @@ from __future__ import annotations
 import atexit
 import collections
 import ctypes
-import importlib
 import math
 import os
 import pickle
@@ -265,8 +265,8 @@ class _Workers:
                     if kind == "score":
                         results[i] = value
                         continue
-                    if kind == "import" and self._import(value):
-                        todo.appendleft(i)  # scored again by a fork that has the module
+                    if kind == "warm" and rewards.warm_symbolic():
+                        todo.appendleft(i)  # scored again by a fork that has math-verify ready
                     else:
                         results[i] = self.zero
                     self._replace(w)
@@ -275,14 +275,6 @@ class _Workers:
                     results[i] = self.zero
                     self._replace(w)
         return results
-
-    @staticmethod
-    def _import(module: str) -> bool:
-        try:
-            importlib.import_module(module)
-            return True
-        except ImportError:  # every such completion then scores 0, counted
-            return False
 
     def stop(self) -> None:
         for pid, conn in self.procs:
@@ -302,8 +294,8 @@ def _serve(task: Task, conn: Connection) -> NoReturn:
         except (OSError, AttributeError):
             pass
 
-        def request(module: str) -> NoReturn:
-            conn.send(("import", module))
+        def request() -> NoReturn:
+            conn.send(("warm", None))
             os._exit(0)
 
         rewards.check_symbolic_here(request)
