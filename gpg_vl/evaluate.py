@@ -25,8 +25,8 @@ import torch
 
 from gpg_vl.eval_metrics import TOTAL, comparison_table, decode_rle, giou_ciou, mask_overlap, part_columns, \
     read_masks, summary_columns
-from gpg_vl.scoring import Score, score_completions
 from gpg_vl.rewards import REWARD_TIMEOUT_S
+from gpg_vl.scoring import Score, score_completions
 from gpg_vl.task import DEFAULT_MAX_IMAGE_PIXELS, Row, ScoreContext, Task, TaskConfig, build_task
 
 ITEMS, SUMMARY, TABLE, SETTINGS = "items.jsonl", "summary.json", "table.md", "settings.json"
