@@ -337,6 +337,9 @@ def validate(cfg: Config) -> None:
            "train.logprob_chunk, train.log_every and train.keep_checkpoints must be >= 1")
     _check(cfg.task.on_bad_row in ("error", "skip"), "task.on_bad_row must be 'error' or 'skip'")
     _check(cfg.task.eval_size >= 0, "task.eval_size must be >= 0 (0 = the whole split)")
+    _check(cfg.task.max_image_pixels >= 1, "task.max_image_pixels must be >= 1")
+    _check(cfg.task.reward_timeout_s > 0, f"task.reward_timeout_s must be > 0 seconds, got {cfg.task.reward_timeout_s}")
+    _check(cfg.task.reward_workers >= 0, "task.reward_workers must be >= 0 (0 = score in the trainer's process)")
 
 
 def to_dict(cfg: Config) -> dict:
