@@ -106,11 +106,12 @@ class Trainer:
                                                             limit)
         self.eval_rows, eval_too_long = build.drop_long_prompts(
             build.eval_rows(self.task, self.cfg, self.accelerator.print), self.task, self.adapter, limit)
-        # The rows used, the bad rows dropped (task.on_bad_row=skip) and the prompts over the limit.
+        # The rows used, the bad rows dropped (task.on_bad_row=skip) and, under a limit, the prompts over it.
         self.data_counts = {"data/train_rows": len(self.train_rows), "data/eval_rows": len(self.eval_rows),
                             "data/train_rows_skipped": self.task.skipped_rows(split),
-                            "data/eval_rows_skipped": self.task.skipped_rows(self.cfg.task.eval_split),
-                            "data/prompts_over_limit": too_long + eval_too_long}
+                            "data/eval_rows_skipped": self.task.skipped_rows(self.cfg.task.eval_split)}
+        if limit > 0:
+            self.data_counts["data/prompts_over_limit"] = too_long + eval_too_long
         if too_long + eval_too_long:
             self.accelerator.print(f"skipped {too_long} training and {eval_too_long} held-out prompts longer than "
                                    f"rollout.max_prompt_tokens={limit} tokens")
