@@ -13,8 +13,18 @@ def _train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("train.resume=latest")
-    train(load_config(args.config, overrides))
+    train(load_config(_config_file(args), overrides))
     return 0
+
+
+def _config_file(args: argparse.Namespace):
+    """--config FILE or --preset NAME (a bundled preset), not both."""
+    from gpg_vl.config import ConfigError
+    from gpg_vl.resources import preset_path
+
+    if args.config and args.preset:
+        raise ConfigError("give --config FILE or --preset NAME, not both")
+    return preset_path(args.preset) if args.preset else args.config
 
 
 # gpg-vl eval: EvalSettings fields whose option is named otherwise, and those given as repeated KEY=VALUE.
@@ -132,6 +142,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     from gpg_vl.config import help_text
+    from gpg_vl.resources import TINY_MODELS
 
     p = argparse.ArgumentParser(prog="gpg-vl", description="Train vision-language and text models with GPG.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -141,6 +152,7 @@ def parser() -> argparse.ArgumentParser:
                                    "overrides, e.g. train.max_steps=20 task.options.kinds=[count].",
                        epilog="options:\n" + help_text())
     t.add_argument("--config", help="YAML file with model/task/algorithm/rollout/train sections")
+    t.add_argument("--preset", help="a bundled preset by name, e.g. shapes or lisa_tiny (`gpg-vl presets` lists them)")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
     t.add_argument("overrides", nargs="*", help="section.option=value (YAML values)")
     t.set_defaults(func=_train)
@@ -159,7 +171,7 @@ def parser() -> argparse.ArgumentParser:
     add_arguments(bn)
     bn.set_defaults(func=_bench)
     b = sub.add_parser("build-tiny", help="build the tiny random-init models used by the demo and tests")
-    b.add_argument("--out", default="assets/tiny")
+    b.add_argument("--out", default=str(TINY_MODELS))
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=_build_tiny)
     return p

@@ -30,8 +30,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    path: str = "assets/tiny/qwen2_vl"
-    """Local folder or hub name of a Qwen2-VL, Qwen2.5-VL or Qwen2-family text checkpoint."""
+    path: str = "tiny:qwen2_vl"
+    """Local folder or hub name of a Qwen2-VL, Qwen2.5-VL or Qwen2-family text checkpoint; tiny:qwen2_vl, tiny:qwen2_5_vl and tiny:qwen2 are the bundled random-init models."""
     dtype: str = "auto"
     """Weights dtype: auto (bfloat16 under DeepSpeed with bf16, which keeps fp32 master weights; else float32), float32, bfloat16 or float16."""
     attn_implementation: str = ""

@@ -25,6 +25,7 @@ import torch
 
 from gpg_vl.eval_metrics import TOTAL, comparison_table, decode_rle, giou_ciou, mask_overlap, part_columns, \
     read_masks, summary_columns
+from gpg_vl.resources import model_location
 from gpg_vl.rewards import REWARD_TIMEOUT_S
 from gpg_vl.scoring import Score, score_completions
 from gpg_vl.task import DEFAULT_MAX_IMAGE_PIXELS, Row, ScoreContext, Task, TaskConfig, build_task
@@ -176,7 +177,8 @@ def check_local(path: str, what: str, expected: str) -> None:
 
 
 def model_path(path: str) -> str:
-    """A training checkpoint folder stands for its hf/ model."""
+    """A training checkpoint folder stands for its hf/ model; tiny:<family> for a bundled model."""
+    path = model_location(path)
     check_local(path, "model path", "a checkpoint folder or a hub name owner/model")
     local = Path(path).expanduser()
     if (local / "hf" / "config.json").is_file() and not (local / "config.json").is_file():

@@ -3,8 +3,8 @@
 A task is one small class: it supplies rows, the prompt of a row, the images of a row, and
 a reward made of named components. It knows nothing of the trainer. Three ways in:
 
-- a file in the repository's `tasks/` folder that decorates its class with
-  `@register_task("name")` (the built-in tasks);
+- a module of the package `gpg_vl.tasks` that decorates its class with
+  `@register_task("name")` (the built-in tasks, installed with gpg-vl);
 - an installed package that declares an entry point in the group `gpg_vl.tasks`
   (``[project.entry-points."gpg_vl.tasks"] mytask = "mypkg.mytask:MyTask"``);
 - a path to a Python file, given where a task name is expected
@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import math
+import importlib
 import importlib.util
+import math
+import pkgutil
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ Prompt = Union[list[dict[str, Any]], str]
 
 ENTRY_POINT_GROUP = "gpg_vl.tasks"
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default limit (Image.MAX_IMAGE_PIXELS)
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "tasks"
+BUILTIN_PACKAGE = "gpg_vl.tasks"
 
 
 def held_out(key: str, share: int) -> bool:
@@ -178,7 +180,7 @@ class Task(ABC):
 
 
 _REGISTRY: dict[str, type[Task]] = {}
-_FILE_TASKS: dict[Path, list[tuple[str, type[Task]]]] = {}  # what each imported plugin file registered
+_BY_MODULE: dict[str, list[tuple[str, type[Task]]]] = {}  # what each imported module registered
 _LOAD_ERRORS: list[str] = []
 _builtins_loaded = False
 
@@ -194,30 +196,35 @@ def register_task(name: str):
             raise ValueError(f"task name {name!r} is taken by {known.__module__}.{known.__qualname__}")
         cls.name = name
         _REGISTRY[name] = cls
+        _BY_MODULE.setdefault(cls.__module__, []).append((name, cls))
         return cls
 
     return wrap
 
 
+def _registered(module):
+    """The module, its tasks registered again (a module is executed once: a registry emptied
+    since, in tests, is refilled from what the module registered then)."""
+    for name, cls in _BY_MODULE.get(module.__name__, []):
+        _REGISTRY.setdefault(name, cls)
+    return module
+
+
 def _import_file(path: Path):
-    """Import a plugin file once; importing it again re-registers what it registered."""
-    path = path.resolve()
-    if path in _FILE_TASKS:
-        for name, cls in _FILE_TASKS[path]:
-            _REGISTRY.setdefault(name, cls)
-        return sys.modules[_module_name(path)]
-    spec = importlib.util.spec_from_file_location(_module_name(path), path)
+    """Import a plugin file once, under a name of its own."""
+    name = _module_name(path.resolve())
+    if name in sys.modules:
+        return _registered(sys.modules[name])
+    spec = importlib.util.spec_from_file_location(name, path.resolve())
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot import task plugin file {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    before = dict(_REGISTRY)
     try:
         spec.loader.exec_module(module)
     except BaseException:
         del sys.modules[spec.name]
         raise
-    _FILE_TASKS[path] = [(n, c) for n, c in _REGISTRY.items() if before.get(n) is not c]
     return module
 
 
@@ -227,17 +234,19 @@ def _module_name(path: Path) -> str:
 
 
 def _load_builtins() -> None:
-    """Import tasks/*.py and the entry points; a plugin that fails is reported, not fatal."""
+    """Import the modules of gpg_vl.tasks and the entry points; a plugin that fails is reported,
+    not fatal."""
     global _builtins_loaded
     if _builtins_loaded:
         return
     _LOAD_ERRORS.clear()
-    for path in sorted(BUILTIN_DIR.glob("*.py")):
-        if not path.name.startswith("_"):
+    package = importlib.import_module(BUILTIN_PACKAGE)
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
             try:
-                _import_file(path)
+                _registered(importlib.import_module(f"{BUILTIN_PACKAGE}.{info.name}"))
             except Exception as err:
-                _LOAD_ERRORS.append(f"{path}: {type(err).__name__}: {err}")
+                _LOAD_ERRORS.append(f"{BUILTIN_PACKAGE}.{info.name}: {type(err).__name__}: {err}")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()

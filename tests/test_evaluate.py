@@ -16,17 +16,17 @@ from gpg_vl.eval_metrics import encode_rle
 from gpg_vl.evaluate import EvalError, EvalSettings, Part, evaluate, item_record
 from gpg_vl.scoring import score_completions
 from gpg_vl.task import ScoreContext, Task, TaskConfig, build_task
+from gpg_vl.resources import SAMPLES, TINY_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "assets" / "tiny"
-SAMPLES = ROOT / "assets" / "samples"
+
 COIN = str(ROOT / "tests" / "plugins" / "coin_task.py")
 CATEGORIES = ["Count", "Relation", "Depth", "Distance", "Total"]
 
 
 def settings(out: Path, task: str, model: str, **kw) -> EvalSettings:
     base = dict(output_dir=str(out), max_new_tokens=4, max_pixels=12544, limit=4, batch_size=4)
-    return EvalSettings(task=task, model=str(TINY / model), **{**base, **kw})
+    return EvalSettings(task=task, model=str(TINY_MODELS / model), **{**base, **kw})
 
 
 def items(out: Path) -> list[dict]:
@@ -66,7 +66,7 @@ def test_every_task_sample_evaluates(tmp_path, task, model, options, columns):
 def test_a_record_holds_the_prompt_the_parsed_box_and_the_score():
     from gpg_vl.models import load_adapter
 
-    adapter = load_adapter(str(TINY / "qwen2_vl"), max_pixels=12544)
+    adapter = load_adapter(str(TINY_MODELS / "qwen2_vl"), max_pixels=12544)
     task = build_task(TaskConfig(name="lisa"))
     row = task.rows("test")[0]
     ctx = ScoreContext(boxes=adapter.box_convention)
@@ -106,7 +106,7 @@ class Brittle(Task):
 def test_a_failing_reward_or_parser_is_a_flagged_zero():
     from gpg_vl.models import load_adapter
 
-    adapter = load_adapter(str(TINY / "qwen2"))
+    adapter = load_adapter(str(TINY_MODELS / "qwen2"))
     task = Brittle(TaskConfig(name="brittle", reward_workers=0))  # the pool's own failures: tests/test_scoring.py
     row, ctx = task.rows("test")[0], ScoreContext(boxes=adapter.box_convention)
     texts = ["yes", "boom", "YES"]
@@ -142,7 +142,7 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
     one = evaluate(coin(tmp_path / "one"))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": "1"}
-    cmd = ["bash", "scripts/eval_task.sh", COIN, str(TINY / "qwen2"), "--nproc", "2", "--output", str(tmp_path / "two"),
+    cmd = ["bash", "scripts/eval_task.sh", COIN, str(TINY_MODELS / "qwen2"), "--nproc", "2", "--output", str(tmp_path / "two"),
            "--temperature", "1.0", "--samples", "2", "--max-new-tokens", "3", "--limit", "22", "--batch-size", "4",
            "--max-pixels", "12544"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -200,7 +200,7 @@ def test_the_summary_counts_the_bad_rows_skipped(tmp_path):
     (["--task", "lisa", "--pred-masks", "/no/masks.json"], "mask file not found"),
 ])
 def test_clear_errors(tmp_path, capsys, args, message):
-    model = [] if "--model" in args else ["--model", str(TINY / "qwen2_vl")]
+    model = [] if "--model" in args else ["--model", str(TINY_MODELS / "qwen2_vl")]
     assert main(["eval", *args, *model, "--output", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
 

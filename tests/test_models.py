@@ -22,8 +22,9 @@ from gpg_vl.models.qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from gpg_vl.models.text import Qwen2Adapter
 from gpg_vl.models.tiny import ANSWER_WORDS, build_tiny_models
 from gpg_vl.rollout import completion_mask
+from gpg_vl.resources import TINY_MODELS
 
-TINY = Path(__file__).resolve().parent.parent / "assets" / "tiny"
+
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen2")
 VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 MAX_PIXELS = 12544
@@ -31,7 +32,7 @@ MAX_PIXELS = 12544
 
 @pytest.fixture(scope="module")
 def adapters():
-    return {name: load_adapter(str(TINY / name), max_pixels=MAX_PIXELS) for name in FAMILIES}
+    return {name: load_adapter(str(TINY_MODELS / name), max_pixels=MAX_PIXELS) for name in FAMILIES}
 
 
 def chat(text: str, n_images: int) -> list[dict]:
@@ -71,7 +72,7 @@ def test_adapter_chosen_by_model_type_not_path(tmp_path):
     misleading = {"qwen2_5_vl": "Qwen2-VL-2B-Instruct", "qwen2_vl": "Qwen2.5-VL-3B", "qwen2": "qwen2_vl-text"}
     expected = {"qwen2_5_vl": Qwen2_5_VLAdapter, "qwen2_vl": Qwen2VLAdapter, "qwen2": Qwen2Adapter}
     for family, folder_name in misleading.items():
-        folder = shutil.copytree(TINY / family, tmp_path / folder_name)
+        folder = shutil.copytree(TINY_MODELS / family, tmp_path / folder_name)
         assert type(load_adapter(str(folder))) is expected[family]
 
 
@@ -86,7 +87,7 @@ def test_unknown_model_type_lists_supported(tmp_path):
 
 def test_bad_dtype_is_refused():
     with pytest.raises(ValueError, match="float32"):
-        load_adapter(str(TINY / "qwen2"), dtype="fp32")
+        load_adapter(str(TINY_MODELS / "qwen2"), dtype="fp32")
 
 
 # --- inputs -----------------------------------------------------------------------------
@@ -232,7 +233,7 @@ def test_box_conventions(adapters):
     assert adapters["qwen2_vl"].box_convention == NormalizedBoxes(1000)
     assert adapters["qwen2_5_vl"].box_convention == ResizedPixelBoxes(factor=28, min_pixels=3136, max_pixels=MAX_PIXELS)
     assert adapters["qwen2"].box_convention == PixelBoxes()
-    other = load_adapter(str(TINY / "qwen2_5_vl"), min_pixels=6272, max_pixels=50176)
+    other = load_adapter(str(TINY_MODELS / "qwen2_5_vl"), min_pixels=6272, max_pixels=50176)
     assert other.box_convention == ResizedPixelBoxes(factor=28, min_pixels=6272, max_pixels=50176)
 
 
@@ -247,7 +248,7 @@ def test_builder_reproduces_committed_assets(tmp_path):
     built = build_tiny_models(tmp_path, seed=0)
     assert sorted(built) == sorted(FAMILIES)
     for family, folder in built.items():
-        committed = TINY / family
+        committed = TINY_MODELS / family
         assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in committed.iterdir())
         for name in ("config.json", "generation_config.json", "tokenizer_config.json", "preprocessor_config.json"):
             if (committed / name).exists():
@@ -261,7 +262,7 @@ def test_builder_reproduces_committed_assets(tmp_path):
 @pytest.mark.parametrize("model_type", ["qwen3", "llama"])
 def test_other_text_families(tmp_path, model_type):
     """A plain causal LM of another family, built from a config with the tiny tokenizer."""
-    src = TINY / "qwen2"
+    src = TINY_MODELS / "qwen2"
     base = json.loads((src / "config.json").read_text())
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "eos_token_id", "pad_token_id", "tie_word_embeddings")
@@ -290,7 +291,7 @@ def test_processor_fallback_only_for_missing_torchvision(monkeypatch):
 
     monkeypatch.setattr(qwen_vl.AutoProcessor, "from_pretrained", fail("needs sentencepiece"))
     with pytest.raises(ImportError, match="sentencepiece"):
-        qwen_vl.load_processor(str(TINY / "qwen2_vl"), qwen_vl.Qwen2VLProcessor, False)
+        qwen_vl.load_processor(str(TINY_MODELS / "qwen2_vl"), qwen_vl.Qwen2VLProcessor, False)
     monkeypatch.setattr(qwen_vl.AutoProcessor, "from_pretrained", fail("requires the Torchvision library"))
-    processor = qwen_vl.load_processor(str(TINY / "qwen2_vl"), qwen_vl.Qwen2VLProcessor, False)
+    processor = qwen_vl.load_processor(str(TINY_MODELS / "qwen2_vl"), qwen_vl.Qwen2VLProcessor, False)
     assert isinstance(processor, qwen_vl.Qwen2VLProcessor) and not hasattr(processor, "video_processor")

@@ -15,8 +15,9 @@ from PIL import Image
 from gpg_vl.models import load_adapter
 from gpg_vl.models.base import collate
 from gpg_vl.models.policy import PolicyLogprobs, chunked_head_logprobs, token_logprobs
+from gpg_vl.resources import TINY_MODELS
 
-TINY = Path(__file__).resolve().parent.parent / "assets" / "tiny"
+
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen2")
 G = 3
 
@@ -72,7 +73,7 @@ def plain_logprobs(adapter, model, prompts, ids, mask):
 
 @pytest.fixture(scope="module")
 def adapters():
-    return {f: load_adapter(str(TINY / f), max_pixels=12544) for f in FAMILIES}
+    return {f: load_adapter(str(TINY_MODELS / f), max_pixels=12544) for f in FAMILIES}
 
 
 def grads(model) -> dict[str, torch.Tensor]:
@@ -177,7 +178,7 @@ def test_chunked_head_holds_one_chunk_of_logits():
 
 
 def test_bfloat16_weights_give_float32_logprobs_and_gradients():
-    adapter = load_adapter(str(TINY / "qwen2_vl"), dtype="bfloat16", max_pixels=12544, gradient_checkpointing=True)
+    adapter = load_adapter(str(TINY_MODELS / "qwen2_vl"), dtype="bfloat16", max_pixels=12544, gradient_checkpointing=True)
     assert adapter.model.dtype == torch.bfloat16 and adapter.model.is_activation_checkpointing
     adapter.model.train()
     prompts = encoded_prompts(adapter)

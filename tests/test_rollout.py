@@ -60,7 +60,7 @@ def test_pick_tokens_rule():
 
 @pytest.fixture(scope="module")
 def setup():
-    adapter = load_adapter("assets/tiny/qwen2_vl", max_pixels=12544)
+    adapter = load_adapter("tiny:qwen2_vl", max_pixels=12544)
     task = build_task(TaskConfig(name="shapes", options={"num_train": 8, "num_test": 4}))
     return adapter, task
 
@@ -69,7 +69,7 @@ def setup():
 def spread(request):
     """A tiny model whose outputs depend on the prompt (the random-init ones say the same token
     everywhere), for comparing greedy outputs token by token."""
-    adapter = load_adapter(f"assets/tiny/{request.param}", max_pixels=12544)
+    adapter = load_adapter(f"tiny:{request.param}", max_pixels=12544)
     torch.manual_seed(3)
     with torch.no_grad():
         for p in adapter.model.parameters():

@@ -19,6 +19,7 @@ from gpg_vl.boxes import PixelBoxes
 from gpg_vl.config import load_config
 from gpg_vl.datafiles import BadRowError
 from gpg_vl.task import ScoreContext, TaskConfig, build_task, get_task_class, task_names
+from gpg_vl.resources import PRESETS, SAMPLES
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["flower102", "pets37", "fgvc_aircraft", "cars196"]
@@ -100,11 +101,11 @@ def test_sample_rows(name):
 def test_make_samples_reproduces_the_bundled_files(tmp_path):
     for name in NAMES:
         get_task_class(name).make_samples(tmp_path / name)
-        bundled = ROOT / "assets" / "samples" / name
+        bundled = SAMPLES / name
         made = sorted(p.relative_to(tmp_path / name) for p in (tmp_path / name).rglob("*") if p.is_file())
         assert made == sorted(p.relative_to(bundled) for p in bundled.rglob("*") if p.is_file())
         assert all((tmp_path / name / p).read_bytes() == (bundled / p).read_bytes() for p in made)
-    assert sum(p.stat().st_size for p in (ROOT / "assets" / "samples").glob("[fpc]*/**/*") if p.is_file()) < 4 * 300_000
+    assert sum(p.stat().st_size for p in (SAMPLES).glob("[fpc]*/**/*") if p.is_file()) < 4 * 300_000
 
 
 def test_sample_images_differ_by_class_and_shot(flowers):
@@ -351,7 +352,7 @@ def test_image_root_option(tmp_path):
 
 @pytest.mark.parametrize("name,epochs", [("flower102", 8), ("pets37", 24), ("fgvc_aircraft", 8), ("cars196", 8)])
 def test_paper_presets(name, epochs):
-    path = ROOT / "tasks" / "presets" / f"{name}.yaml"
+    path = PRESETS / f"{name}.yaml"
     cfg = load_config(path)
     assert (cfg.model.path, cfg.task.name, cfg.train.epochs) == ("Qwen/Qwen2-VL-2B-Instruct", name, epochs)
     assert cfg.task.data_path.startswith("laolao77/ViRFT_CLS_")
@@ -369,7 +370,7 @@ def test_tiny_presets_train(tmp_path):
     runs = {}
     for name in NAMES:
         out = tmp_path / name
-        cmd = [sys.executable, "-m", "gpg_vl.cli", "train", "--config", f"tasks/presets/{name}_tiny.yaml",
+        cmd = [sys.executable, "-m", "gpg_vl.cli", "train", "--config", str(PRESETS / f"{name}_tiny.yaml"),
                f"train.output_dir={out}", "train.tensorboard=false", "train.plot=false"]
         runs[name] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True, env=env)

@@ -11,9 +11,10 @@ from PIL import Image
 from gpg_vl.boxes import NormalizedBoxes, PixelBoxes, ResizedPixelBoxes, smart_resize
 from gpg_vl.datafiles import BadRowError
 from gpg_vl.task import ScoreContext, TaskConfig, build_task, task_names
+from gpg_vl.resources import SAMPLES
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLE = REPO / "assets" / "samples" / "lisa"
+SAMPLE = SAMPLES / "lisa"
 PIXELS = ScoreContext(PixelBoxes())
 ROW = {"id": "x", "image": "", "image_size": [100, 75], "instruction": "i", "box": [20.0, 10.0, 60.0, 50.0]}
 

@@ -15,6 +15,7 @@ from gpg_vl.boxes import PixelBoxes
 from gpg_vl.datafiles import BadRowError
 from gpg_vl.models.qwen_vl import load_processor
 from gpg_vl.task import ScoreContext, TaskConfig, build_task, task_names
+from gpg_vl.resources import SAMPLES, TINY_MODELS
 
 REPO = Path(__file__).resolve().parent.parent
 CTX = ScoreContext(PixelBoxes())
@@ -68,7 +69,7 @@ def test_base_prompt_carries_the_image_and_opens_think():
                       "then provides the user with the answer.\nUser: <|vision_start|><|image_pad|><|vision_end|>"
                       f"{row['question']} \nAssistant: Let me solve this step by step.\n<think>")
     # The processor expands the one pad into the image's tokens: the raw string needs no template.
-    processor = load_processor(str(REPO / "assets/tiny/qwen2_vl"), Qwen2VLProcessor, False)
+    processor = load_processor(str(TINY_MODELS / "qwen2_vl"), Qwen2VLProcessor, False)
     batch = processor(text=[prompt], images=sat.images(row), return_tensors="pt")
     pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     tokens = int((batch["input_ids"] == pad).sum())
@@ -151,7 +152,7 @@ def test_gold_scores_one_and_guessing_scores_chance(name):
 
 
 def test_sat_evaluates_on_cvbench():
-    sat = make(options={"cvbench_path": str(REPO / "assets/samples/cvbench")})
+    sat = make(options={"cvbench_path": str(SAMPLES / "cvbench")})
     assert {r["category"] for r in sat.rows("test")} == {"Count", "Relation", "Depth", "Distance"}
     assert len(sat.rows("train")) == 11  # training rows stay SAT
 
@@ -237,4 +238,4 @@ def test_tiny_preset_trains(tmp_path, train_preset):
 def test_bundled_sample_is_what_make_samples_writes(tmp_path, name, files):
     type(make(name)).make_samples(tmp_path)
     for file in files:
-        assert (tmp_path / file).read_text() == (REPO / "assets/samples" / name / file).read_text()
+        assert (tmp_path / file).read_text() == (SAMPLES / name / file).read_text()

@@ -1,6 +1,6 @@
 """A complete task plugin outside the package, as a user would write one.
 
-    gpg-vl train --config tasks/presets/shapes.yaml task.name=assets/examples/brightness_task.py
+    gpg-vl train --preset shapes task.name=assets/examples/brightness_task.py
 
 The model sees a grey image and answers whether it is bright or dark. Rows are made from a
 seed here; a real task would read them with gpg_vl.datafiles.load_rows.
