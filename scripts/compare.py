@@ -125,7 +125,12 @@ def train_one(run: Run, out: Path, setting: dict) -> None:
 
 def raw_records(run: Run, metrics: list[dict], wall: float) -> list[dict]:
     """One record per step (step 0 included): training metrics and, where it was measured,
-    the held-out score; `wall` is the whole run's wall time."""
+    the held-out score (the task's own metric: eval/accuracy, eval/mIoU for mini_ground);
+    `wall` is the whole run's wall time."""
+    from gpg_vl.task import get_task_class
+
+    task = get_task_class(run.task)
+    heldout, trained = f"eval/{task.metric_label}", f"reward/{task.metric_component}"
     steps: dict[int, dict] = {}
     for m in metrics:
         steps.setdefault(m["step"], {}).update(m)
@@ -133,7 +138,7 @@ def raw_records(run: Run, metrics: list[dict], wall: float) -> list[dict]:
     for step in sorted(steps):
         m = steps[step]
         records.append({**asdict(run), "step": step, "samples": m.get("samples_generated", 0),
-                        "heldout": m.get("eval/accuracy"), "train_reward": m.get("reward/accuracy"),
+                        "heldout": m.get(heldout), "train_reward": m.get(trained),
                         "valid_fraction": m.get("valid_fraction"), "resample_rounds": m.get("resample_rounds"),
                         "step_time": m.get("step_time"), "run_wall_time": round(wall, 2)})
     return records

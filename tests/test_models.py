@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,10 +17,11 @@ from gpg_vl.boxes import NormalizedBoxes, PixelBoxes, ResizedPixelBoxes, smart_r
 from gpg_vl.models import SUPPORTED_MODEL_TYPES, UnsupportedModelError, load_adapter
 from gpg_vl.models.base import collate
 from gpg_vl.models.policy import PolicyLogprobs
-from gpg_vl.models.qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
+from gpg_vl.models.qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, QwenVLAdapter
 from gpg_vl.models.text import Qwen2Adapter
 from gpg_vl.models.tiny import ANSWER_WORDS, build_tiny_models
 from gpg_vl.rollout import completion_mask
+from gpg_vl.task import IMAGE_MARKER
 from gpg_vl.resources import TINY_MODELS
 
 
@@ -41,7 +41,7 @@ def chat(text: str, n_images: int) -> list[dict]:
 
 def two_prompts(adapter):
     """A left-padded batch: prompts of different lengths, images of two sizes."""
-    n = 1 if adapter.has_vision else 0
+    n = 1 if isinstance(adapter, QwenVLAdapter) else 0
     prompts = [chat("What colour is the shape?", n), chat("How many circles are in the image? Answer with a number.", n)]
     images = [[Image.new("RGB", (60, 90), "red")], [Image.new("RGB", (200, 120), "blue")]] if n else [[], []]
     return prompts, images
@@ -110,7 +110,7 @@ def test_image_token_count(adapters, family, size):
 def test_batch_encoding_equals_one_by_one(adapters, family):
     adapter = adapters[family]
     prompts, images = two_prompts(adapter)
-    if adapter.has_vision:  # a prompt with two images of other sizes
+    if isinstance(adapter, QwenVLAdapter):  # a prompt with two images of other sizes
         prompts.append(chat("Which is larger?", 2))
         images.append([Image.new("RGB", (300, 41), "white"), Image.new("RGB", (56, 56), "black")])
     for together, p, i in zip(adapter.encode_batch(prompts, images), prompts, images):
@@ -153,13 +153,15 @@ def test_collate_left_pads(adapters, family):
         assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_raw_string_prompt_is_sent_as_is(adapters):
+def test_raw_string_prompt_is_sent_as_is_with_its_image_marker_expanded(adapters):
     adapter = adapters["qwen2_vl"]
-    raw = "Question: <|vision_start|><|image_pad|><|vision_end|> what colour? Answer:"
+    raw = f"Question: {IMAGE_MARKER} what colour? Answer:"
     enc = adapter.encode(raw, [Image.new("RGB", (56, 56))])
     text = adapter.tokenizer.decode(enc.input_ids)
-    assert text.startswith("Question: <|vision_start|>") and text.endswith(" what colour? Answer:")
-    assert "<|im_start|>" not in text and enc.text == raw
+    assert text.startswith("Question: <|vision_start|><|image_pad|>") and text.endswith(" what colour? Answer:")
+    assert "<|im_start|>" not in text and enc.text == raw.replace(IMAGE_MARKER, "<|vision_start|><|image_pad|><|vision_end|>")
+    with pytest.raises(ValueError, match="places 0 image"):  # the family's own tokens are the adapter's to write
+        adapter.encode("Question: <|vision_start|><|image_pad|><|vision_end|> what?", [Image.new("RGB", (56, 56))])
 
 
 def test_text_adapter_refuses_images(adapters):
@@ -272,7 +274,7 @@ def test_other_text_families(tmp_path, model_type):
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         shutil.copy(src / name, tmp_path / name)
     adapter = load_adapter(str(tmp_path))
-    assert adapter.model_type == model_type and not adapter.has_vision
+    assert adapter.model_type == model_type and not isinstance(adapter, QwenVLAdapter)
     prompts = encoded(adapter)
     ids, generated = sample(adapter, prompts)
     mask = completion_mask(ids, adapter.eos_token_ids)

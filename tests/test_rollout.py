@@ -8,6 +8,7 @@ from transformers import TopKLogitsWarper, TopPLogitsWarper
 from gpg_vl.models import load_adapter
 from gpg_vl.models.base import collate
 from gpg_vl.models.policy import PolicyLogprobs
+from gpg_vl.models.qwen_vl import QwenVLAdapter
 from gpg_vl.rollout import (HFEngine, SamplingSettings, completion_mask, encode_rows, keep_top_p, pick_tokens,
                             rollout, sample_categorical, score)
 from gpg_vl.task import ScoreContext, TaskConfig, build_task
@@ -81,7 +82,7 @@ def spread(request):
 def prompts_of(adapter):
     from PIL import Image
 
-    n = 1 if adapter.has_vision else 0
+    n = 1 if isinstance(adapter, QwenVLAdapter) else 0
     chats = [[{"role": "user", "content": [{"type": "image"}] * n + [{"type": "text", "text": t}]}]
              for t in ("What colour is it?", "How many shapes are in the image? Answer with one digit.")]
     images = [[Image.new("RGB", (60, 90), "red")], [Image.new("RGB", (200, 120), "blue")]] if n else [[], []]

@@ -227,11 +227,3 @@ def test_math_rs_bad_rows(tmp_path):
         make("math_rs", data_path=path).rows("train")
     with pytest.warns(UserWarning, match="skipped 3"):
         assert len(make("math_rs", data_path=path, on_bad_row="skip").rows("train")) == 1
-
-
-# ---------------------------------------------------------------- the tiny presets train end to end
-
-
-@pytest.mark.parametrize("preset", ["math_7b_tiny", "math_1p5b_tiny"])
-def test_tiny_preset_trains(tmp_path, preset, train_preset):
-    assert train_preset(preset, tmp_path / "run")

@@ -12,39 +12,23 @@ from __future__ import annotations
 
 import json
 import math
-import random
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from gpg_vl.datafiles import ROW_ERRORS, SUFFIXES, BadRowError, ImageRowTask, LoadReport, load_split, open_image, \
-    pixel_cap
+from gpg_vl.datafiles import SUFFIXES, BadRowError, Records, load_image
 from gpg_vl.eval_metrics import MASK_IGNORE
 from gpg_vl.rewards import box_giou, box_iou, extract_tag, has_think_answer_format, parse_box
-from gpg_vl.task import Prompt, Row, ScoreContext, TaskConfig, image_chat, register_task
+from gpg_vl.task import FileTask, Prompt, Row, ScoreContext, image_chat, register_task
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLE = REPO / "assets" / "samples" / "lisa"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 BORDER_SLACK = 1.0  # px: annotation tools round polygon points to just outside the image
 PROMPT = ("Output the bounding box in the image corresponding to the instruction: {instruction}\n"
           "Think first inside <think> </think> tags, then give the box inside <answer> </answer> tags, "
           "as \"<think> reasoning </think> <answer>(x1,y1),(x2,y2)</answer>\".")
-
-# Sample scenes: flat polygons on grey, named by colour in the instructions.
-COLOURS = {"red": (210, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 210), "yellow": (230, 200, 30)}
-SAMPLE_SIZE = (100, 75)  # not multiples of 28: Qwen2.5-VL's resize changes them (boxes must follow)
-
-
-def image_ref(value: Any, root: Path | None) -> Any:
-    """What a row keeps to re-open its image: a path joined to the image folder, else the value
-    itself (hub rows carry the image bytes or a decoded image, not a path)."""
-    if isinstance(value, str) and root is not None:
-        return str(root / value)
-    return value
+RAW = "__reasonseg_annotation__"  # a raw-layout record: the path of its annotation file
 
 
 def checked_box(value: Any, size: tuple[int, int]) -> list[float]:
@@ -65,7 +49,10 @@ def checked_box(value: Any, size: tuple[int, int]) -> list[float]:
 
 
 def convert(record: dict[str, Any], root: Path | None) -> Row:
-    """A processed record -> a row with all its instructions (flattened by the caller)."""
+    """A processed record (or a raw one, read from its annotation) -> a row with all its
+    instructions (LisaTask.finish makes one row of each)."""
+    if RAW in record:
+        record = reasonseg_record(Path(record[RAW]))
     image = record.get("image_path", record.get("image"))
     if image is None:
         raise KeyError("image_path")
@@ -77,10 +64,9 @@ def convert(record: dict[str, Any], root: Path | None) -> Row:
     instructions = [s.strip() for s in instructions if s.strip()]
     if not instructions:
         raise BadRowError("empty instruction")
-    size = open_image(image, root).size
-    box = checked_box(record["boxes"], size)
-    return {"image": image_ref(image, root), "image_size": list(size), "instructions": instructions, "box": box,
-            "shapes": record.get("shapes")}
+    image, size = load_image(image, root)
+    return {"image": image, "image_size": list(size), "instructions": instructions,
+            "box": checked_box(record["boxes"], size), "shapes": record.get("shapes")}
 
 
 def polygon_points(shape: Any) -> list[tuple[float, float]]:
@@ -142,34 +128,19 @@ def reasonseg_record(annotation: Path) -> dict[str, Any]:
         raise BadRowError(f"annotation is not JSON ({err})") from err
     if not isinstance(data, dict):
         raise BadRowError("annotation must be a JSON object with text and shapes")
-    return {"image_path": images[0].name, "instruction": data["text"], "boxes": polygon_box(data["shapes"]),
+    return {"image_path": str(images[0]), "instruction": data["text"], "boxes": polygon_box(data["shapes"]),
             "shapes": data["shapes"]}
 
 
-def load_reasonseg(folder: Path, on_bad_row: str, max_pixels: int) -> tuple[list[Row], LoadReport]:
-    """Rows of a raw ReasonSeg split folder, bad images named (error) or counted (skip)."""
-    report, rows = LoadReport(str(folder)), []
-    for annotation in sorted(folder.glob("*.json")):
-        report.read += 1
-        try:
-            with pixel_cap(max_pixels):
-                rows.append(convert(reasonseg_record(annotation), folder))
-        except ROW_ERRORS as err:
-            reason = f"missing field {err}" if isinstance(err, KeyError) else str(err)
-            if on_bad_row != "skip":
-                raise BadRowError(f"{annotation}: {reason} (set task.on_bad_row=skip to drop such rows)") from err
-            report.skipped += 1
-            report.examples = (report.examples + [f"{annotation.name}: {reason}"])[:3]
-    report.kept = len(rows)
-    if not rows:
-        raise BadRowError(f"{folder}: no usable images ({report})")
-    if report.skipped:
-        warnings.warn(str(report), stacklevel=2)
-    return rows, report
+def reasonseg_records(folder: Path) -> Records:
+    """A raw ReasonSeg split folder as records, one per annotation file (read when converted,
+    so that a broken file is a bad row like any other)."""
+    files = sorted(folder.glob("*.json"))
+    return Records(({RAW: str(f)} for f in files), str(folder), None, lambda index: files[index].name)
 
 
 @register_task("lisa")
-class LisaTask(ImageRowTask):
+class LisaTask(FileTask):
     """Reasoning grounding (ReasonSeg / LISA): one training sample per instruction.
 
     Data (`task.data_path`, default the bundled sample): processed rows with fields
@@ -188,33 +159,26 @@ class LisaTask(ImageRowTask):
       format: 1 when the completion is <think>...</think> <answer>...</answer>.
       iou: plain IoU of the same box (weight 0: logged only; its evaluation mean is the
         paper's mIoU).
-
-    Options: none.
     """
 
     reward_components = ("accuracy", "format", "iou")
     reward_weights = {"iou": 0.0}
     metric_component, metric_label = "iou", "mIoU"
 
-    def __init__(self, config: TaskConfig):
-        super().__init__(config)
-        self.options_with_defaults({})  # lisa takes no options
-        self.data_path = config.data_path or str(SAMPLE)
-        self._rows: dict[str, list[Row]] = {}
+    def records(self, split: str) -> Records:
+        raw = Path(self.data_path).expanduser() / split
+        if raw.is_dir() and not any((raw.parent / f"{split}{s}").is_file() for s in SUFFIXES):
+            return reasonseg_records(raw)
+        return super().records(split)
 
-    def rows(self, split: str) -> list[Row]:
-        if split not in self._rows:
-            c = self.config
-            raw = Path(self.data_path).expanduser() / split
-            if raw.is_dir() and not any((raw.parent / f"{split}{s}").is_file() for s in SUFFIXES):
-                images, self.load_reports[split] = load_reasonseg(raw, c.on_bad_row, c.max_image_pixels)
-            else:
-                images = load_split(self, self.data_path, split, convert)
-            self._rows[split] = [
-                {"id": f"lisa-{split}-{i}-{k}", "image": g["image"], "image_size": g["image_size"],
+    def convert(self, record: dict[str, Any], root: Path | None) -> Row:
+        return convert(record, root)
+
+    def finish(self, split: str, rows: list[Row]) -> list[Row]:
+        """One row per instruction."""
+        return [{"id": f"lisa-{split}-{i}-{k}", "image": g["image"], "image_size": g["image_size"],
                  "instruction": text, "box": g["box"], "shapes": g["shapes"]}
-                for i, g in enumerate(images) for k, text in enumerate(g["instructions"])]
-        return self._rows[split]
+                for i, g in enumerate(rows) for k, text in enumerate(g["instructions"])]
 
     def prompt(self, row: Row) -> Prompt:
         text = PROMPT.format(instruction=row["instruction"])
@@ -244,54 +208,6 @@ class LisaTask(ImageRowTask):
         """The object mask of a raw ReasonSeg row (its polygons); None for processed rows."""
         return None if row.get("shapes") is None else polygon_mask(row["shapes"], _size(row))
 
-    @classmethod
-    def make_samples(cls, folder: Path, train: int = 10, test: int = 8) -> None:
-        """Generated scenes in both layouts: processed rows (<split>.jsonl + images/) and the
-        raw ReasonSeg form (reasonseg/<split>/NAME.jpg + NAME.json)."""
-        for split, n in (("train", train), ("test", test)):
-            rng = random.Random(f"lisa-sample/{split}")
-            (folder / "images").mkdir(parents=True, exist_ok=True)
-            raw = folder / "reasonseg" / split
-            raw.mkdir(parents=True, exist_ok=True)
-            lines = []
-            for i in range(n):
-                image, shapes = _scene(rng)
-                target = rng.randrange(len(shapes))
-                colour, points = shapes[target]
-                texts = [f"the object that is {colour}", f"something {colour} in the picture"]
-                name = f"{split}_{i:02d}"
-                image.save(folder / "images" / f"{name}.png")
-                image.save(raw / f"{name}.jpg", quality=90)
-                labelme = [{"label": "target", "points": points, "shape_type": "polygon"}]
-                (raw / f"{name}.json").write_text(json.dumps({"text": texts, "is_sentence": False, "shapes": labelme}))
-                box = [round(v) for v in polygon_box(labelme)]
-                lines += [json.dumps({"image_path": f"images/{name}.png", "instruction": t, "boxes": [box]})
-                          for t in texts]
-            (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-
 
 def _size(row: Row) -> tuple[int, int]:
     return int(row["image_size"][0]), int(row["image_size"][1])
-
-
-def _scene(rng: random.Random) -> tuple[Image.Image, list[tuple[str, list[list[int]]]]]:
-    """2-3 polygons of distinct colours in distinct columns of a SAMPLE_SIZE image."""
-    w, h = SAMPLE_SIZE
-    image = Image.new("RGB", SAMPLE_SIZE, (128, 128, 128))
-    draw = ImageDraw.Draw(image)
-    k = rng.randint(2, 3)
-    colours = rng.sample(list(COLOURS), k)
-    shapes = []
-    for j, colour in enumerate(colours):
-        left, right = j * w // k + 2, (j + 1) * w // k - 2
-        x1 = rng.randint(left, right - 8)
-        x2 = rng.randint(x1 + 8, right)
-        y1 = rng.randint(2, h // 2)
-        y2 = rng.randint(y1 + 8, h - 2)
-        if rng.random() < 0.5:
-            points = [[x1, y1], [x2, y1], [x2, y2], [x1, y2]]
-        else:
-            points = [[(x1 + x2) // 2, y1], [x2, y2], [x1, y2]]
-        draw.polygon([tuple(p) for p in points], fill=COLOURS[colour])
-        shapes.append((colour, points))
-    return image, shapes

@@ -7,7 +7,7 @@
   classes, like the 4-shot classification sets).
 
 Every answer is one token (a digit): a random-init tiny model learns a one-token answer in
-minutes, a multi-token one hardly at all (ENVIRONMENT.md). The image signals are made
+minutes, a multi-token one hardly at all. The image signals are made
 plain enough for a 0.18M-parameter model (large shapes aligned with its visual tokens),
 and the tasks hard enough for it that early groups are mostly all-wrong, so that the
 alpha correction and beta_th resampling have work to do. `scripts/compare.py` trains on them.
@@ -16,54 +16,33 @@ alpha correction and beta_th resampling have work to do. `scripts/compare.py` tr
 from __future__ import annotations
 
 import colorsys
-import math
 import random
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image, ImageDraw
 
 from gpg_vl.rewards import box_iou
-from gpg_vl.task import Prompt, Row, ScoreContext, Task, TaskConfig, held_out, image_chat, register_task
-
-SPLITS = ("train", "test")
-DEFAULTS: dict[str, Any] = {"num_train": 4096, "num_test": 256, "seed": 0, "format_weight": 0.5}
+from gpg_vl.task import GeneratedOptions, GeneratedTask, Prompt, Row, ScoreContext, held_out, image_chat, \
+    register_task
 
 
-class MiniatureTask(Task):
+@dataclass
+class MiniatureOptions(GeneratedOptions):
+    format_weight: float = 0.5
+    """Weight of the "format" component (1 when the completion is one of the task's answer digits); "accuracy" has weight 1."""
+
+
+class MiniatureTask(GeneratedTask):
     """Rows generated from a seed, one image drawn per row, a one-digit answer.
-
-    Options (`task.options`), shared by the three tasks:
-      num_train, num_test: int >= 1, rows per split; defaults 4096 and 256.
-      seed: int; default 0. A scene belongs to one split only (by a hash of its content).
-      format_weight: float >= 0, weight of the "format" component (1 when the completion is
-        one of the task's answer digits); default 0.5. The headline "accuracy" has weight 1.
 
     Row fields: id, answer (the gold digit), image_size ([w, h]) and the scene's own fields.
     """
 
-    reward_components = ("accuracy", "format")
+    Options = MiniatureOptions
     question = ""
     answers: tuple[str, ...] = ()
     image_size = 56
-
-    def __init__(self, config: TaskConfig):
-        super().__init__(config)
-        opts = self.options_with_defaults(DEFAULTS)
-        for key in ("num_train", "num_test"):
-            if isinstance(opts[key], bool) or not isinstance(opts[key], int) or opts[key] < 1:
-                raise ValueError(f"{self.name}: option {key} must be an integer >= 1, got {opts[key]!r}")
-        if isinstance(opts["seed"], bool) or not isinstance(opts["seed"], int):
-            raise ValueError(f"{self.name}: option seed must be an integer, got {opts['seed']!r}")
-        fw = opts["format_weight"]
-        if isinstance(fw, bool) or not isinstance(fw, (int, float)) or not 0 <= fw < math.inf:
-            raise ValueError(f"{self.name}: option format_weight must be a finite number >= 0, got {fw!r}")
-        self.num = {"train": opts["num_train"], "test": opts["num_test"]}
-        self.seed = opts["seed"]
-        self.format_weight = float(fw)
-        self._rows: dict[str, list[Row]] = {}
-
-    def weight(self, component: str) -> float:
-        return self.format_weight if component == "format" else super().weight(component)
 
     def scene(self, rng: random.Random) -> dict[str, Any]:
         """A random scene: the row's fields besides id and image_size, "answer" included."""
@@ -75,18 +54,12 @@ class MiniatureTask(Task):
     def accuracy(self, said: str, row: Row) -> float:
         return float(said == row["answer"])
 
-    def rows(self, split: str) -> list[Row]:
-        if split not in SPLITS:
-            raise ValueError(f"{self.name}: unknown split {split!r}; the splits are {', '.join(SPLITS)}")
-        if split not in self._rows:
-            self._rows[split] = [self._row(split, i) for i in range(self.num[split])]
-        return self._rows[split]
-
-    def _row(self, split: str, i: int) -> Row:
-        rng = random.Random(f"{self.name}/{self.seed}/{split}/{i}")  # str seeds: stable across runs
+    def make_row(self, split: str, i: int) -> Row:
+        seed = self.options.seed
+        rng = random.Random(f"{self.name}/{seed}/{split}/{i}")  # str seeds: stable across runs
         for _ in range(10_000):
             scene = self.scene(rng)
-            if held_out(repr((self.name, self.seed, sorted(scene.items()))), share=4) == (split == "test"):
+            if held_out(repr((self.name, seed, sorted(scene.items()))), share=4) == (split == "test"):
                 break
         else:
             raise ValueError(f"{self.name}: no {split} scene found")

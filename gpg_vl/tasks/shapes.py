@@ -2,25 +2,27 @@
 
 Rows come from a seed, not from files, and each image is drawn from its row. The answers are
 single tokens (a digit or a colour word) because a random-init model learns those fast and
-multi-token answers slowly (ENVIRONMENT.md, "Learning from random init").
+multi-token answers slowly.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image, ImageDraw
 
 from gpg_vl.rewards import box_iou, parse_box
-from gpg_vl.task import Prompt, Row, ScoreContext, Task, TaskConfig, held_out, image_chat, register_task
+from gpg_vl.settings import check
+from gpg_vl.task import GeneratedOptions, GeneratedTask, Prompt, Row, ScoreContext, TaskConfig, held_out, \
+    image_chat, register_task
 
 KINDS = ("count", "colour", "location")
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 220), "yellow": (240, 210, 20)}
 SHAPES = ("square", "circle", "triangle")
 BACKGROUND = (0, 0, 0)
-SPLITS = ("train", "test")
 TEST_SHARE = 4  # one distinct image in TEST_SHARE belongs to the test split
 QUESTIONS = {
     "count": "How many shapes are in the image?",
@@ -32,17 +34,24 @@ INSTRUCTIONS = {
     "colour": " Answer with one word.",
     "location": " Answer with its box as x1,y1,x2,y2.",
 }
-DEFAULTS: dict[str, Any] = {
-    "kinds": ["count", "colour"], "image_size": 56, "max_shapes": 3,
-    "num_train": 4096, "num_test": 256, "seed": 0, "format_weight": 0.0,
-}
 
 
-def _int(name: str, value: Any, low: int, high: float = math.inf) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        bound = f"between {low} and {high}" if high < math.inf else f">= {low}"
-        raise ValueError(f"shapes: option {name} must be an integer {bound}, got {value!r}")
-    return value
+@dataclass
+class ShapesOptions(GeneratedOptions):
+    kinds: list[str] = field(default_factory=lambda: ["count", "colour"])
+    """Question kinds, distinct names from count, colour, location."""
+    image_size: int = 56
+    """Side of the square image in pixels, at least 8 per grid cell."""
+    max_shapes: int = 3
+    """Most shapes in an image, 1 to 9 (a count is one digit); the grid has ceil(sqrt(max_shapes)) cells per side, each shape a jittered square box of 60-95% of its cell."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(bool(self.kinds) and set(self.kinds) <= set(KINDS) and len(set(self.kinds)) == len(self.kinds),
+              f"kinds must be a non-empty list of distinct names from {list(KINDS)}, got {self.kinds!r}")
+        check(1 <= self.max_shapes <= 9, f"max_shapes must be an integer between 1 and 9, got {self.max_shapes}")
+        check(self.image_size >= 8 * _grid(self.max_shapes),
+              f"image_size must be at least {8 * _grid(self.max_shapes)} (8 pixels per grid cell), got {self.image_size}")
 
 
 def _grid(max_shapes: int) -> int:
@@ -51,63 +60,26 @@ def _grid(max_shapes: int) -> int:
 
 
 @register_task("shapes")
-class ShapesTask(Task):
+class ShapesTask(GeneratedTask):
     """Coloured squares, circles and triangles on a plain background, one per cell of a coarse grid.
 
     Question kinds: "count" (answer "1".."max_shapes"), "colour" (one shape type appears once;
     answer red/green/blue/yellow) and "location" (one colour+shape pair appears once; answer its
-    box, scored by IoU after converting the model's box convention to pixels).
-
-    Options (`task.options`):
-      kinds: list (or comma-separated string), subset of ["count", "colour", "location"];
-        default ["count", "colour"].
-      image_size: int, side of the square image in pixels, >= 8 per grid cell; default 56.
-      max_shapes: int in 1..9 (a count is one digit); default 3. The grid has
-        ceil(sqrt(max_shapes)) cells per side; each shape is a jittered square box of 60-95%
-        of its cell.
-      num_train, num_test: int >= 1, rows per split; defaults 4096 and 256.
-      seed: int; default 0. Train and test rows use different seeds, and every distinct image
-        belongs to one split only (by a hash), so no test image is seen in training.
-      format_weight: float >= 0, weight of the "format" component in the training reward;
-        default 0, so the reward equals accuracy (format is still logged).
+    box, scored by IoU after converting the model's box convention to pixels). The format
+    component (weight `format_weight`, default 0) is 1 for any well-formed answer of the kind.
 
     Row fields: id, kind, question, answer (text; a location answer is "x1,y1,x2,y2" in pixels),
     shapes (list of {"shape", "colour", "box": [x1, y1, x2, y2] in pixels}), target (index of
     the asked-about shape, None for count) and image_size ([w, h]).
     """
 
-    reward_components = ("accuracy", "format")
-    reward_weights = {"accuracy": 1.0, "format": 0.0}
+    Options = ShapesOptions
 
     def __init__(self, config: TaskConfig):
         super().__init__(config)
-        opts = self.options_with_defaults(DEFAULTS)
-        kinds = opts["kinds"]
-        if isinstance(kinds, str):  # a command-line override: "count,colour"
-            kinds = [k.strip() for k in kinds.split(",") if k.strip()]
-        if not isinstance(kinds, Sequence) or not kinds \
-                or any(k not in KINDS for k in kinds) or len(set(kinds)) != len(kinds):
-            raise ValueError(f"shapes: option kinds must be a non-empty list of distinct names from "
-                             f"{list(KINDS)}, got {kinds!r}")
-        self.kinds = list(kinds)
-        self.max_shapes = _int("max_shapes", opts["max_shapes"], 1, 9)
-        self.grid = _grid(self.max_shapes)
-        self.image_size = _int("image_size", opts["image_size"], 8 * self.grid)
-        self.num = {"train": _int("num_train", opts["num_train"], 1),
-                    "test": _int("num_test", opts["num_test"], 1)}
-        self.seed = opts["seed"]
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"shapes: option seed must be an integer, got {self.seed!r}")
-        fw = opts["format_weight"]
-        if isinstance(fw, bool) or not isinstance(fw, (int, float)) or not (0 <= fw < math.inf):
-            raise ValueError(f"shapes: option format_weight must be a finite number >= 0, got {fw!r}")
-        self.format_weight = float(fw)
+        self.kinds, self.max_shapes = self.options.kinds, self.options.max_shapes
+        self.grid, self.image_size, self.seed = _grid(self.max_shapes), self.options.image_size, self.options.seed
         self.cells = self._cell_boxes()
-        self._rows: dict[str, list[Row]] = {}
-
-    def weight(self, component: str) -> float:
-        # reward_weights is a class attribute; the format weight is an option of this instance.
-        return self.format_weight if component == "format" else super().weight(component)
 
     def answer_set(self, kind: str) -> list[str]:
         """Every well-formed answer of a one-word kind (the format reward's vocabulary)."""
@@ -160,7 +132,7 @@ class ShapesTask(Task):
         key = repr((self.seed, self.image_size, sorted((s["box"], s["shape"], s["colour"]) for s in shapes)))
         return "test" if held_out(key, TEST_SHARE) else "train"
 
-    def _make_row(self, split: str, i: int) -> Row:
+    def make_row(self, split: str, i: int) -> Row:
         rng = random.Random(f"shapes/{self.seed}/{split}/{i}")  # str seeds hash with sha512: stable across runs
         kind = self.kinds[i % len(self.kinds)]
         for _ in range(10_000):
@@ -179,13 +151,6 @@ class ShapesTask(Task):
             answer = ",".join(str(v) for v in t["box"])
         return {"id": f"shapes-{split}-{i}", "kind": kind, "question": question, "answer": answer,
                 "shapes": shapes, "target": target, "image_size": [self.image_size, self.image_size]}
-
-    def rows(self, split: str) -> list[Row]:
-        if split not in SPLITS:
-            raise ValueError(f"shapes: unknown split {split!r}; the splits are {', '.join(SPLITS)}")
-        if split not in self._rows:
-            self._rows[split] = [self._make_row(split, i) for i in range(self.num[split])]
-        return self._rows[split]
 
     # ------------------------------------------------------------ prompt, image, score
 
