@@ -127,8 +127,8 @@ class TrainConfig:
     """Stop once this many completions were generated, resampling included, over all ranks (an equal budget for algorithms that generate different amounts per step); replaces the epochs, not to be set with max_steps; 0 = off."""
     mixed_precision: str = "auto"
     """auto (bf16 on GPU, none on CPU), no, bf16 or fp16."""
-    logprob_chunk: int = 64
-    """Completion positions per chunk when computing float32 log-probs."""
+    logprob_chunk: int = 16
+    """Completion positions the LM head takes at a time in the loss: its float32 logits hold N x chunk x vocabulary values (N completions of a micro-batch), forward and backward, whatever the completion length."""
     log_every: int = 1
     """Print a metrics line every this many steps."""
     eval_every: int = 0

@@ -186,14 +186,13 @@ def _zygote(fd: int) -> None:
         trainer.send(("error", f"{type(err).__name__}: {err}"))
         return
     pool = _Workers(task, workers, timeout_s, trainer)
-    trainer.send("ready")
     try:
+        trainer.send("ready")
         while True:
-            try:
-                texts, rows, ctx = trainer.recv()
-            except EOFError:
-                return
+            texts, rows, ctx = trainer.recv()
             trainer.send(pool.score(texts, rows, ctx))
+    except (EOFError, BrokenPipeError):
+        return  # the trainer has gone: nothing is left to score
     finally:
         pool.stop()
 

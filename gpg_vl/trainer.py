@@ -109,12 +109,13 @@ class Trainer:
                                                             limit)
         self.eval_part, eval_too_long = build.eval_part(self.task, self.cfg, self.adapter, self.accelerator.print)
         self.eval_rows = self.eval_part.rows if self.eval_part is not None else []
-        # The rows used, the bad rows dropped (task.on_bad_row=skip) and the prompts over the limit.
+        # The rows used, the bad rows dropped (task.on_bad_row=skip) and, under a limit, the prompts over it.
         eval_skipped = self.eval_part.task.skipped_rows(self.eval_part.split) if self.eval_part is not None else 0
         self.data_counts = {"data/train_rows": len(self.train_rows), "data/eval_rows": len(self.eval_rows),
                             "data/train_rows_skipped": self.task.skipped_rows(split),
-                            "data/eval_rows_skipped": eval_skipped,
-                            "data/prompts_over_limit": too_long + eval_too_long}
+                            "data/eval_rows_skipped": eval_skipped}
+        if limit > 0:
+            self.data_counts["data/prompts_over_limit"] = too_long + eval_too_long
         if too_long + eval_too_long:
             self.accelerator.print(f"skipped {too_long} training and {eval_too_long} held-out prompts longer than "
                                    f"rollout.max_prompt_tokens={limit} tokens")
