@@ -40,6 +40,8 @@ HOSTILE = [
     "<think>思考 ñ\u0301 😀</think> <answer>（Ｂ）\u200b２\u00a0cm</answer>",
     "<think>\x00\ud800</think>\n<answer>\ufeff-½ \\frac{1}{2} 3e2 A.</answer>",
 ]
+ENCODED = 64
+"""Rows of a split encoded: a bundled sample whole; a generated split's first ones."""
 SECONDS = 5.0
 """A completion scores well within this: a reward that is quadratic in its input takes minutes
 on 100k characters, a linear one milliseconds (the bound is loose for a loaded machine)."""
@@ -81,8 +83,9 @@ def test_the_sample_loads_and_every_prompt_encodes_on_each_family(name, tasks, a
         rows = list(task.rows(split))
         assert rows, f"{name}: split {split} of the bundled sample is empty"
         assert len({str(r["id"]) for r in rows}) == len(rows), f"{name}: row ids repeat in {split}"
-        for adapter in readers(task, rows, adapters):
-            encoded = encode_rows(adapter, task, rows)
+        shown = rows[:ENCODED]
+        for adapter in readers(task, shown, adapters):
+            encoded = encode_rows(adapter, task, shown)
             assert all(p.num_tokens > 0 for p in encoded)
 
 
