@@ -21,7 +21,7 @@ test: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/test.sh
 
 tiny-models: setup
-	$(VENV)/bin/gpg-vl build-tiny --out assets/tiny
+	$(VENV)/bin/gpg-vl build-tiny --out gpg_vl/assets/tiny
 
 clean:
 	rm -rf runs .pytest_cache

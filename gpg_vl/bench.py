@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from gpg_vl.task import Row, ScoreContext, Task, TaskConfig, image_chat
+from gpg_vl.task import Row, ScoreContext, Task, image_chat
 
 PROMPT = "Describe the image in detail."
 QWEN2_VL_SPECIAL_TOKENS = (
@@ -155,27 +155,31 @@ def hash_reward(text: str) -> float:
     return (zlib.crc32(text.encode("utf-8")) % 10_000) / 10_000
 
 
-class BenchTask(Task):
-    """Describe a generated image; the reward is a hash of the description (options:
-    image_size, rows)."""
+@dataclass
+class BenchOptions:
+    image_size: int = 448
+    """Side of the square generated image, in pixels."""
+    rows: int = 64
+    """Rows of every split."""
 
+
+class BenchTask(Task):
+    """Describe a generated image; the reward is a hash of the description."""
+
+    Options = BenchOptions
     reward_components = ("accuracy",)
 
-    def __init__(self, config: TaskConfig):
-        super().__init__(config)
-        self.opts = self.options_with_defaults({"image_size": 448, "rows": 64})
-
     def rows(self, split: str) -> list[Row]:
-        return [{"id": i} for i in range(self.opts["rows"])]
+        return [{"id": i} for i in range(self.options.rows)]
 
     def prompt(self, row: Row):
         return image_chat(PROMPT)
 
     def images(self, row: Row) -> list[Image.Image]:
-        return [bench_image(row["id"], self.opts["image_size"])]
+        return [bench_image(row["id"], self.options.image_size)]
 
     def image_sizes(self, row: Row) -> list[tuple[int, int]]:
-        return [(self.opts["image_size"], self.opts["image_size"])]
+        return [(self.options.image_size, self.options.image_size)]
 
     def score(self, completion: str, row: Row, ctx: ScoreContext) -> dict[str, float]:
         return {"accuracy": hash_reward(completion)}

@@ -12,6 +12,7 @@ import torch
 
 from gpg_vl.checkpoint import finish_interrupted, list_checkpoints, resolve_resume
 from gpg_vl.config import Config, TrainConfig
+from gpg_vl.evaluation import Part
 from gpg_vl.models.policy import PolicyLogprobs
 from gpg_vl.task import Row, Task
 
@@ -67,17 +68,25 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimi
     return torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=t.adam_betas, weight_decay=t.weight_decay)
 
 
-def eval_rows(task: Task, cfg: Config, say) -> list[Row]:
-    """The held-out rows scored during training; none (said once) if the split is unavailable."""
-    c = cfg.task
-    if not c.eval_split:
-        return []
+def eval_part(task: Task, cfg: Config, adapter, say) -> tuple[Part | None, int]:
+    """The held-out rows evaluated during training, task.eval_size of task.eval_split of the
+    evaluated task (the training task itself unless eval.task names another, such as cvbench
+    for sat), prompts over rollout.max_prompt_tokens left out; and how many were. None (said
+    once) when there is no such split."""
+    from gpg_vl.evaluation import EvalError, build_evaluated, evaluated_task_config, load_part
+
+    split = cfg.task.eval_split
+    if not split:
+        return None, 0
+    config = evaluated_task_config(cfg)
+    evaluated = task if config == cfg.task else build_evaluated(config)
     try:
-        rows = list(task.rows(c.eval_split))
-    except (KeyError, ValueError, FileNotFoundError) as err:
-        say(f"no held-out evaluation: split {c.eval_split!r} unavailable ({err})")
-        return []
-    return rows[:c.eval_size] if c.eval_size else rows
+        part = load_part(config, split, split, cfg.task.eval_size, evaluated)
+    except EvalError as err:
+        say(f"no held-out evaluation: {err}")
+        return None, 0
+    rows, too_long = drop_long_prompts(part.rows, part.task, adapter, cfg.rollout.max_prompt_tokens)
+    return part._replace(rows=rows), too_long
 
 
 def drop_long_prompts(rows: list[Row], task: Task, adapter, limit: int) -> tuple[list[Row], int]:

@@ -15,9 +15,12 @@ and processor in Hugging Face format for evaluation or further training.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 DONE_MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"^step_(\d+)$")
@@ -95,6 +98,39 @@ def finish_interrupted(accelerator, output_dir: str | Path) -> None:
     accelerator.wait_for_everyone()
 
 
+class _TiedWeightsNote(logging.Filter):
+    """Drops accelerate's note that it saved a tensor once under two names when those names
+    are the model's tied input and output embeddings (Qwen2-VL-2B ties them; from_pretrained
+    ties them again): true at every save of such a model, so it says nothing."""
+
+    def __init__(self, tied: set[str]):
+        super().__init__()
+        self.tied = tied
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "Removed shared tensor" not in message:  # accelerate prefixes its messages with the rank
+            return True
+        removed = set(re.findall(r"'([^']+)'", message.split(" while saving")[0]))
+        return not (removed and removed <= self.tied)
+
+
+@contextlib.contextmanager
+def _quiet_about_tied_weights(model) -> Iterator[None]:
+    """`model` (or the Hugging Face model inside it) saved without the tied-weights note."""
+    modules = model.modules() if hasattr(model, "modules") else []
+    hf = next((m for m in modules if hasattr(m, "get_input_embeddings")), None)
+    embeddings = hf.get_input_embeddings().weight if hf is not None else None
+    tied = {n for n, p in model.named_parameters(remove_duplicate=False) if p is embeddings} if hf is not None else set()
+    note = _TiedWeightsNote(tied)
+    log = logging.getLogger("accelerate.utils.other")
+    log.addFilter(note)
+    try:
+        yield
+    finally:
+        log.removeFilter(note)
+
+
 def save_checkpoint(accelerator, model, adapter, output_dir: str | Path, step: int, keep: int) -> Path:
     """Write step_N atomically on the main process's file system; every rank must call this."""
     root = checkpoint_root(output_dir)
@@ -104,7 +140,8 @@ def save_checkpoint(accelerator, model, adapter, output_dir: str | Path, step: i
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with _quiet_about_tied_weights(accelerator.unwrap_model(model)):
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()  # every rank's files written before the marker says complete
     # The trained module wraps the Hugging Face model (gpg_vl.models.policy): its keys start "model.".
     state_dict = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(model).items()}

@@ -29,12 +29,14 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from PIL import Image
 
-from gpg_vl.task import DEFAULT_MAX_IMAGE_PIXELS, Row, Task
-
+Row = dict[str, Any]
+Convert = Callable[[dict[str, Any], "Path | None"], "Row | None"]
+"""convert(record, image_root): the task's row of a record; None leaves it out by the task's rules."""
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default limit (Image.MAX_IMAGE_PIXELS)
 SUFFIXES = (".json", ".jsonl", ".parquet")
 MAX_ASPECT_RATIO = 200
 """Longer side over shorter side: Qwen2-VL's image processor (smart_resize, shared by Qwen2.5-VL
@@ -164,6 +166,14 @@ def check_record(record: Any) -> None:
             stack.extend((v, depth + 1) for v in items)
 
 
+def text_field(record: dict[str, Any], name: str) -> str:
+    """The record's field `name` as it is, refused (a bad row) when missing, empty or not text."""
+    value = record[name]
+    if not isinstance(value, str) or not value.strip():
+        raise BadRowError(f"field {name!r} is empty or not text")
+    return value
+
+
 def describe(value: Any) -> str:
     """A value by its kind and size, for a message: never its content (it may be an image)."""
     if isinstance(value, (bytes, bytearray, str, list, dict)):
@@ -171,21 +181,22 @@ def describe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def read_hub(name: str, split: str) -> Iterator[dict[str, Any]]:
-    """The records of a hub data set's split (needs `datasets` and a reachable hub)."""
+def read_hub(name: str, split: str, config: str = "", revision: str = "") -> Iterator[dict[str, Any]]:
+    """The records of a hub data set's split (needs `datasets` and a reachable hub), read as the
+    stored Arrow values: an image, alone or in a list (SAT's), stays compressed bytes until a
+    row shows it (open_image), and a few hundred rows are in memory at a time."""
     try:
         import datasets
     except ImportError as err:
         raise FileNotFoundError(f"{name!r} is not a local path, and reading it from the hub needs the "
                                 f"`datasets` package (pip install datasets)") from err
     try:
-        data = datasets.load_dataset(name, split=split)
-        for column, feature in data.features.items():
-            if isinstance(feature, datasets.Image):  # keep the compressed bytes; open_image decodes
-                data = data.cast_column(column, datasets.Image(decode=False))
-        yield from data
-    except Exception as err:  # offline, unknown name, unknown split: all end here
-        raise FileNotFoundError(f"cannot read split {split!r} of {name!r} from the hub ({err}); "
+        data = datasets.load_dataset(name, config or None, split=split, revision=revision or None)
+        for batch in data.with_format("arrow").iter(batch_size=256):
+            yield from batch.to_pylist()
+    except Exception as err:  # offline, unknown name, config, revision or split: all end here
+        which = "".join(f" {k} {v!r}" for k, v in (("config", config), ("revision", revision)) if v)
+        raise FileNotFoundError(f"cannot read split {split!r} of {name!r}{which} from the hub ({err}); "
                                 f"download it and give the local folder as the data path") from err
 
 
@@ -269,44 +280,70 @@ def image_size(value: Any) -> tuple[int, int]:
     return size
 
 
-class ImageRowTask(Task):
-    """A task whose rows keep one image under "image" (a path or {"bytes"} checked at load),
-    opened again each time it is shown, under the same checks."""
+def image_ref(value: Any, image_root: Path | None) -> Any:
+    """What a row keeps of a record's image, to open it again each time it is shown (the one
+    rule of every task): a file path (a string, or the "path" of a {"path"} dict without bytes)
+    joined to the image folder; the image itself when the record holds it (bare bytes, a
+    {"bytes": ...} dict as `datasets` and parquet files give it, a PIL image)."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, dict) and value.get("bytes"):
+        return {"bytes": value["bytes"]}
+    rel = value.get("path") if isinstance(value, dict) else value
+    if isinstance(rel, str):
+        return str(Path(rel) if image_root is None else image_root / rel)
+    return value
 
-    def images(self, row: Row) -> list[Image.Image]:
-        return [open_image(row["image"], None, self.config.max_image_pixels)]
 
-    def image_sizes(self, row: Row) -> list[tuple[int, int]]:
-        return [image_size(row["image"])]
+def load_image(value: Any, image_root: Path | None) -> tuple[Any, tuple[int, int]]:
+    """A record's image checked now (a bad one is a bad row at load, not a failure mid-run):
+    what the row keeps of it (`image_ref`) and its (width, height)."""
+    return image_ref(value, image_root), open_image(value, image_root).size
 
 
 ROW_ERRORS = (BadRowError, KeyError, TypeError, ValueError, RecursionError)
 """What a `convert` may raise on a row it cannot use (UnicodeError is a ValueError)."""
 
 
-def load_rows(data_path: str, split: str, convert: Callable[[dict[str, Any], Path | None], Row | None],
-              on_bad_row: str = "error", image_root: str = "", max_rows: int = 0,
-              max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[list[Row], LoadReport]:
-    """Rows of `split` from a local path or a hub name, each made by `convert(record, image_root)`,
-    which raises BadRowError (or KeyError for a missing field) on a row it cannot use, and may
-    return None for a row the task leaves out by design (not counted as bad). Reading stops
-    once `max_rows` rows are kept (0 = read everything). Images opened by `convert` are held
-    to `max_image_pixels`."""
+class Records(NamedTuple):
+    """A split's raw records, before any is checked."""
+
+    items: Iterable[Any]
+    source: str
+    """What messages name: the file, or the hub name and split."""
+    image_root: Path | None
+    """The folder image paths are relative to (None: the records hold their images)."""
+    name: Callable[[int], str] = lambda index: f"row {index}"
+    """How a message names the record at a position."""
+
+
+def open_records(data_path: str, split: str, image_root: str = "", hub_config: str = "",
+                 hub_revision: str = "") -> Records:
+    """The records of `split` at a local path (a file, or a folder of <split>.<ext>) or of a hub
+    data set; images are relative to `image_root`, by default the data file's folder."""
     local = Path(data_path).expanduser()
+    root = Path(image_root).expanduser() if image_root else None
     if local.exists():
         file = split_file(local, split)
-        records, source = read_records(file, split), str(file)
-        root = Path(image_root).expanduser() if image_root else file.parent
-    else:
-        records, source = read_hub(data_path, split), f"{data_path} [{split}]"
-        root = Path(image_root).expanduser() if image_root else None
-    report, rows = LoadReport(source), []
+        return Records(read_records(file, split), str(file), root or file.parent)
+    return Records(read_hub(data_path, split, hub_config, hub_revision), f"{data_path} [{split}]", root)
+
+
+def load_records(records: Records, split: str, convert: Convert, on_bad_row: str = "error", max_rows: int = 0,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[list[Row], LoadReport]:
+    """The rows made by `convert(record, image_root)` of each record, under the bad-row policy:
+    a record that fails its checks, or that `convert` rejects (BadRowError, or KeyError for a
+    missing field), stops the load naming it (on_bad_row "error") or is dropped and counted
+    ("skip"); `convert` returns None for a record the task leaves out by design (not bad).
+    Reading stops once `max_rows` rows are kept (0 = read everything). Images opened by
+    `convert` are held to `max_image_pixels`."""
+    report, rows = LoadReport(records.source), []
     with pixel_cap(max_image_pixels):
-        for index, record in enumerate(records):
+        for index, record in enumerate(records.items):
             report.read += 1
             try:
                 check_record(record)
-                row = convert(record, root)
+                row = convert(record, records.image_root)
                 if row is None:
                     report.left_out += 1
                 else:
@@ -314,26 +351,23 @@ def load_rows(data_path: str, split: str, convert: Callable[[dict[str, Any], Pat
             except ROW_ERRORS as err:
                 reason = f"missing field {err}" if isinstance(err, KeyError) else str(err)
                 if on_bad_row != "skip":
-                    raise BadRowError(f"{source}, row {index}: {reason} (set task.on_bad_row=skip to drop such "
-                                      f"rows)") from err
+                    raise BadRowError(f"{records.source}, {records.name(index)}: {reason} (set task.on_bad_row=skip "
+                                      f"to drop such rows)") from err
                 report.skipped += 1
                 if len(report.examples) < 3:
-                    report.examples.append(f"row {index}: {reason}")
+                    report.examples.append(f"{records.name(index)}: {reason}")
             if max_rows and len(rows) >= max_rows:
                 break
     report.kept = len(rows)
     if not rows:
-        raise BadRowError(f"{source}: no usable rows in split {split!r} ({report})")
+        raise BadRowError(f"{records.source}: no usable rows in split {split!r} ({report})")
     if report.skipped:
         warnings.warn(str(report), stacklevel=2)
     return rows, report
 
 
-def load_split(task: Task, data_path: str, split: str, convert: Callable[[dict[str, Any], Path | None], Row | None],
-               max_rows: int = 0) -> list[Row]:
-    """`load_rows` with the task's settings (on_bad_row, image_root, max_image_pixels); the
-    report is kept in `task.load_reports[split]`, where `Task.skipped_rows` reads it."""
-    c = task.config
-    rows, task.load_reports[split] = load_rows(data_path, split, convert, c.on_bad_row, c.image_root, max_rows,
-                                               c.max_image_pixels)
-    return rows
+def load_rows(data_path: str, split: str, convert: Convert, on_bad_row: str = "error", image_root: str = "",
+              max_rows: int = 0, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[list[Row], LoadReport]:
+    """`load_records` of `open_records(data_path, split, image_root)`."""
+    return load_records(open_records(data_path, split, image_root), split, convert, on_bad_row, max_rows,
+                        max_image_pixels)

@@ -1,7 +1,8 @@
 """The benchmark metrics of `gpg-vl eval`, as pure functions of the per-item records, and the
 markdown tables of one evaluation or of several merged into the paper's comparison.
 
-Every metric is in percent, as the paper reports it. A record holds, per item, the score
+Every metric is a fraction in [0, 1] (the same numbers as a training run's `eval/*`); the
+tables print them in percent, as the paper reports them. A record holds, per item, the score
 components of each of its k completions (`scores`, first completion first) and, for a task
 with a `metric_group`, the item's `group` value.
 """
@@ -21,13 +22,13 @@ AVERAGE = "average"
 MISSING = "–"
 
 
-def mean_percent(values: Sequence[float]) -> float:
-    """100 x the mean; 0 for no values."""
-    return 100.0 * sum(values) / len(values) if values else 0.0
+def mean(values: Sequence[float]) -> float:
+    """The mean; 0 for no values."""
+    return sum(values) / len(values) if values else 0.0
 
 
 def part_columns(records: list[dict], component: str, label: str, grouped: bool, samples: int) -> dict[str, float]:
-    """The metric columns of one evaluated split, in percent.
+    """The metric columns of one evaluated split.
 
     `label`: the mean of `component` over the items' first completions (pass@1 of one sample
     per item, the paper's protocol). With `grouped`, one column per group value instead, in
@@ -39,12 +40,12 @@ def part_columns(records: list[dict], component: str, label: str, grouped: bool,
         groups: dict[str, list[float]] = {}
         for record, value in zip(records, first):
             groups.setdefault(record["group"], []).append(value)
-        columns = {name: mean_percent(values) for name, values in groups.items()}
-        columns[TOTAL] = mean_percent(first)
+        columns = {name: mean(values) for name, values in groups.items()}
+        columns[TOTAL] = mean(first)
     else:
-        columns = {label: mean_percent(first)}
+        columns = {label: mean(first)}
     if samples > 1:
-        columns[f"mean@{samples}"] = mean_percent([s[component] for r in records for s in r["scores"]])
+        columns[f"mean@{samples}"] = mean([s[component] for r in records for s in r["scores"]])
     return columns
 
 
@@ -65,10 +66,10 @@ def mask_overlap(pred: np.ndarray, gold: np.ndarray) -> tuple[int, int]:
 def giou_ciou(overlaps: Sequence[tuple[int, int]]) -> dict[str, float]:
     """gIoU: the mean of per-item mask IoU (an item with an empty union, no object and none
     predicted, scores 1, as in LISA's evaluation); cIoU: cumulative intersection over cumulative
-    union (100 when both are 0). Percent."""
+    union (1 when both are 0)."""
     per_item = [i / u if u else 1.0 for i, u in overlaps]
     inter, union = sum(i for i, _ in overlaps), sum(u for _, u in overlaps)
-    return {"gIoU": mean_percent(per_item), "cIoU": 100.0 * inter / union if union else 100.0}
+    return {"gIoU": mean(per_item), "cIoU": inter / union if union else 1.0}
 
 
 def _coco():
@@ -163,5 +164,6 @@ def comparison_table(summaries: list[dict], names: Sequence[str] | None = None) 
         for name, cells in rows.items():
             if len(headlines[name]) == len(tasks):
                 cells[AVERAGE] = sum(headlines[name].values()) / len(tasks)
-    body = [[name] + [f"{cells[h]:.2f}" if h in cells else MISSING for h in header] for name, cells in rows.items()]
+    # Percent, as the paper's tables.
+    body = [[name] + [f"{100 * cells[h]:.2f}" if h in cells else MISSING for h in header] for name, cells in rows.items()]
     return markdown(["model"] + header, body)

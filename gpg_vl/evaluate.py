@@ -1,11 +1,10 @@
-"""Benchmark evaluation of a checkpoint on a task's test split(s): `gpg-vl eval`.
+"""`gpg-vl eval`: a checkpoint on the evaluated task's split(s), every row, with the paper's metrics.
 
-    load the task's rows per split -> batches of items (batch j on process j % world) ->
-    generate k completions per item -> score with the task's own reward, parse with its own
-    `answer` -> one record per item, appended as each batch ends -> merged in order ->
-    the paper's metrics (gpg_vl/eval_metrics.py) -> summary.json and table.md
+    the config (a preset, a training run's config.yaml, flags) -> the evaluated task's rows per
+    split and data set -> batches (batch j on process j % world) -> gpg_vl.evaluation's
+    evaluate_batch, records appended as each batch ends -> merged in order -> split_metrics
+    (plus gIoU/cIoU from predicted masks) -> summary.json and table.md
 
-The prompt, the images, the answer parsing and the score are the task's (no second copy).
 Each process holds the whole model (no ZeRO sharding), so processes never wait on one
 another until the end. A batch's items and its sampling seed depend only on its position,
 so a resumed run, or a run over another number of processes, writes the same records.
@@ -13,158 +12,59 @@ so a resumed run, or a run over another number of processes, writes the same rec
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
-import zlib
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 
-from gpg_vl.eval_metrics import TOTAL, comparison_table, decode_rle, giou_ciou, mask_overlap, part_columns, \
-    read_masks, summary_columns
-from gpg_vl.rewards import REWARD_TIMEOUT_S
-from gpg_vl.scoring import Score, score_completions
-from gpg_vl.task import DEFAULT_MAX_IMAGE_PIXELS, Row, ScoreContext, Task, TaskConfig, build_task
+from gpg_vl.checkpoint import list_checkpoints
+from gpg_vl.config import Config, to_dict
+from gpg_vl.eval_metrics import TOTAL, comparison_table, decode_rle, giou_ciou, mask_overlap, read_masks, \
+    summary_columns
+from gpg_vl.evaluation import Decoding, EvalError, Part, batches, decoding, evaluate_batch, evaluated_task_config, \
+    load_part, reward_means, split_metrics
+from gpg_vl.resources import model_location
+from gpg_vl.task import ScoreContext
 
 ITEMS, SUMMARY, TABLE, SETTINGS = "items.jsonl", "summary.json", "table.md", "settings.json"
 RANK_ITEMS = "items.rank{}.jsonl"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-# Settings that change no record: the others must match when a run continues in the same folder.
-NOT_RESUME_KEYS = ("output_dir", "name", "pred_masks", "reward_workers")
+RESUME_TASK_KEYS = ("data_config", "data_revision", "on_bad_row", "max_image_pixels", "reward_timeout_s")
+RESUME_EVAL_SKIP = ("output_dir", "name", "pred_masks")  # settings that change no record
 
 
-class EvalError(ValueError):
-    """An evaluation that cannot run as asked; the message says what to change."""
+# ---------------------------------------------------------------- what is evaluated
 
 
-@dataclass
-class EvalSettings:
-    task: str
-    """Registered task name, or a path to a plugin file."""
-    model: str
-    """Checkpoint: a Hugging Face folder (a run's checkpoints/step_N or its hf/ folder) or a hub name."""
-    output_dir: str = ""
-    """Folder for items.jsonl, summary.json and table.md; empty = runs/eval/<task>/<model path with _ for />."""
-    name: str = ""
-    """The model's row label in tables; empty = the model path."""
-    data_path: str = ""
-    """Data file or folder (or hub name) holding the split(s); empty = the task's bundled sample."""
-    benchmarks: dict[str, str] = field(default_factory=dict)
-    """A suite of data sets, NAME=PATH each (repeat --data): every one evaluated on the split(s), reported side by side with their average (the math benchmarks)."""
-    splits: list[str] = field(default_factory=lambda: ["test"])
-    """Splits to evaluate, comma-separated (lisa: test,val)."""
-    image_root: str = ""
-    """Folder that image paths in the data are relative to; empty = the data file's folder."""
-    on_bad_row: str = "error"
-    """An unusable data row: error (stop, naming it) or skip (drop and report the count)."""
-    options: dict[str, Any] = field(default_factory=dict)
-    """Task options KEY=VALUE (YAML values; repeat --option), as task.options in training."""
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    """Largest image (width x height) a row may have; a larger one is a bad row (a guard against decompression bombs)."""
-    reward_timeout_s: float = REWARD_TIMEOUT_S
-    """Seconds one completion's reward may take; one that runs longer scores 0 and is flagged failed."""
-    reward_workers: int = 2
-    """Processes that score a batch's completions side by side; 0 = in this process (only symbolic checks time-limited)."""
-    samples: int = 1
-    """k completions per item: the first gives pass@1; k > 1 also reports mean@k (needs --temperature > 0)."""
-    temperature: float = 0.0
-    """0 = greedy decoding; above 0, sampling at this temperature (the paper's math evaluation: 0.6)."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold (with --temperature > 0)."""
-    top_k: int = 0
-    """Top-k sampling, 0 = off (with --temperature > 0)."""
-    max_new_tokens: int = 1024
-    """Longest completion; a longer one is cut and scored as it stands."""
-    batch_size: int = 8
-    """Items per generate call on each process (k completions each)."""
-    limit: int = 0
-    """Evaluate only the first N items of each split; 0 = all."""
-    seed: int = 0
-    """Seed of sampling; each batch is seeded from it and the batch's position."""
-    dtype: str = "auto"
-    """Weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16."""
-    max_pixels: int = 0
-    """Largest image area after resizing (vision models); 0 = what the run that trained the checkpoint used (its config.yaml), else 401408."""
-    min_pixels: int = 0
-    """Smallest image area after resizing (vision models); 0 = what the run that trained the checkpoint used, else 3136."""
-    pred_masks: str = ""
-    """JSON file {item id: COCO RLE mask} from a segmenter prompted with the predicted boxes: adds gIoU and cIoU (lisa on the raw ReasonSeg layout, whose polygons give the gold masks)."""
-
-    def check(self) -> None:
-        """Refuse settings that cannot be honoured, or that would do nothing."""
-        bounds = (("samples", 1), ("max_new_tokens", 1), ("batch_size", 1), ("limit", 0), ("top_k", 0))
-        for key, low in bounds:
-            if getattr(self, key) < low:
-                raise EvalError(f"{key} must be at least {low}, got {getattr(self, key)}")
-        if not self.temperature >= 0 or not 0 < self.top_p <= 1:
-            raise EvalError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature} and {self.top_p}")
-        if self.temperature == 0 and (self.samples > 1 or self.top_p < 1 or self.top_k):
-            raise EvalError("greedy decoding (temperature 0) gives one answer per item: set --temperature > 0 "
-                            "for --samples > 1, --top-p or --top-k")
-        if self.benchmarks and self.data_path:
-            raise EvalError("give either --data-path or --data NAME=PATH (a suite), not both")
-        if not self.splits or not all(self.splits):
-            raise EvalError(f"no split to evaluate in {self.splits!r}")
-        if self.dtype not in DTYPES:
-            raise EvalError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.on_bad_row not in ("error", "skip"):
-            raise EvalError(f"on_bad_row must be error or skip, got {self.on_bad_row!r}")
-        if self.max_image_pixels < 1 or not self.reward_timeout_s > 0 or self.reward_workers < 0:
-            raise EvalError("need max_image_pixels >= 1, reward_timeout_s > 0 and reward_workers >= 0")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def output(self) -> Path:
-        return Path(self.output_dir or f"runs/eval/{self.task}/{self.model.strip('/').replace('/', '_')}")
+def evaluated_model(cfg: Config, config_file: str | Path | None = None) -> str:
+    """eval.model; else the newest checkpoint of the run the config comes from (the folder of
+    a run's config.yaml, or train.output_dir); else model.path."""
+    if cfg.eval.model:
+        return cfg.eval.model
+    for folder in ([Path(config_file).parent] if config_file else []) + [Path(cfg.train.output_dir)]:
+        found = list_checkpoints(folder)
+        if found:
+            return str(found[-1])
+    return cfg.model.path
 
 
-class Part(NamedTuple):
-    """One evaluated split of one data set."""
-
-    name: str
-    split: str
-    data: str
-    task: Task
-    rows: list[Row]
-
-
-# ---------------------------------------------------------------- data and model
-
-
-def load_parts(s: EvalSettings) -> list[Part]:
+def load_parts(cfg: Config) -> list[Part]:
     """Every (data set, split) to evaluate, its rows read and limited; a missing split or file
     stops here with a message naming it."""
-    sources = s.benchmarks or {"": s.data_path}
+    e = cfg.eval
+    if not e.splits:
+        raise EvalError("no split to evaluate: give --split (eval.splits), or task.eval_split")
+    if e.benchmarks and e.data_path:
+        raise EvalError("give either --data-path or --data NAME=PATH (a suite), not both")
     parts = []
-    for bench, data in sources.items():
+    for bench, data in (e.benchmarks or {"": e.data_path}).items():
         if data:
             check_local(data, "data path", "a data file or folder, or a hub name owner/data_set")
-        for split in s.splits:
-            name = split if not bench else bench if len(s.splits) == 1 else f"{bench}/{split}"
-            config = TaskConfig(name=s.task, data_path=data, image_root=s.image_root, on_bad_row=s.on_bad_row,
-                                eval_split=split, eval_size=0, max_image_pixels=s.max_image_pixels,
-                                reward_timeout_s=s.reward_timeout_s, reward_workers=s.reward_workers,
-                                options=dict(s.options))
-            try:
-                task = build_task(config)
-            except ValueError as err:  # a bad task option: the task's message says which
-                raise EvalError(str(err)) from err
-            if task.metric_component not in task.reward_components:
-                raise EvalError(f"{s.task}: metric_component {task.metric_component!r} is not one of its reward "
-                                f"components {task.reward_components}")
-            try:
-                rows = list(task.rows(split))
-            except (FileNotFoundError, KeyError, ValueError) as err:
-                where = data or "the bundled sample"
-                if data and not Path(data).expanduser().exists():
-                    where += " (no such local path here, so it was tried as a hub name)"
-                raise EvalError(f"{s.task}: cannot read split {split!r} of {where}: {err}") from err
-            parts.append(Part(name, split, data, task, rows[:s.limit] if s.limit else rows))
+        for split in e.splits:
+            name = split if not bench else bench if len(e.splits) == 1 else f"{bench}/{split}"
+            parts.append(load_part(evaluated_task_config(cfg, data), split, name, e.limit))
     return parts
 
 
@@ -176,7 +76,8 @@ def check_local(path: str, what: str, expected: str) -> None:
 
 
 def model_path(path: str) -> str:
-    """A training checkpoint folder stands for its hf/ model."""
+    """A training checkpoint folder stands for its hf/ model; tiny:<family> for a bundled model."""
+    path = model_location(path)
     check_local(path, "model path", "a checkpoint folder or a hub name owner/model")
     local = Path(path).expanduser()
     if (local / "hf" / "config.json").is_file() and not (local / "config.json").is_file():
@@ -184,65 +85,40 @@ def model_path(path: str) -> str:
     return path
 
 
-def pixel_limits(s: EvalSettings) -> tuple[int, int]:
-    """(min_pixels, max_pixels): as given, else as the gpg-vl run that trained the checkpoint
-    set them (a model evaluated at other sizes than it learned on sees other visual tokens),
-    else the paper's 3136 and 401408."""
-    trained: dict[str, Any] = {}
-    local = Path(s.model).expanduser().resolve()
-    folders = [local, *local.parents][:4] if local.is_dir() else []  # step_N/hf, step_N, checkpoints, the run
-    for folder in folders:
-        if (folder / "config.yaml").is_file():
-            import yaml
+def trained_pixel_limits(model: str) -> dict[str, int]:
+    """model.min_pixels and model.max_pixels of the gpg-vl run that trained a local checkpoint
+    (a model evaluated at other sizes than it learned on sees other visual tokens); none for
+    other checkpoints."""
+    import yaml
 
-            run = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-            if isinstance(run, dict) and {"model", "train"} <= run.keys():  # a gpg-vl run's config
-                trained = run["model"] or {}
-                break
-    return (s.min_pixels or int(trained.get("min_pixels", 3136)),
-            s.max_pixels or int(trained.get("max_pixels", 401408)))
+    local = Path(model).expanduser().resolve()
+    for folder in ([local, *local.parents][:4] if local.is_dir() else []):  # step_N/hf, step_N, checkpoints, run
+        run = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").is_file() else None
+        if isinstance(run, dict) and {"model", "train"} <= run.keys():  # a gpg-vl run's config
+            return {k: int(v) for k, v in (run["model"] or {}).items() if k in ("min_pixels", "max_pixels")}
+    return {}
 
 
-def load_model(s: EvalSettings, device: torch.device):
+def load_model(cfg: Config, device: torch.device):
     from gpg_vl.models import load_adapter
 
-    dtype = s.dtype if s.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
-    path = model_path(s.model)
+    m = cfg.model
+    dtype = m.dtype if m.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
     try:
-        min_pixels, max_pixels = pixel_limits(s)
-        adapter = load_adapter(path, dtype=dtype, max_pixels=max_pixels, min_pixels=min_pixels)
+        adapter = load_adapter(model_path(cfg.eval.model), dtype=dtype, max_pixels=m.max_pixels,
+                               min_pixels=m.min_pixels, trust_remote_code=m.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise EvalError(f"cannot load model {s.model!r}: {err}") from err
+        raise EvalError(f"cannot load model {cfg.eval.model!r}: {err}") from err
     adapter.model.to(device).eval()
     return adapter
 
 
+def output_folder(cfg: Config) -> Path:
+    e = cfg.eval
+    return Path(e.output_dir or f"runs/eval/{e.task}/{e.model.strip('/').replace('/', '_').replace(':', '_')}")
+
+
 # ---------------------------------------------------------------- records and resume
-
-
-def item_record(part: Part, index: int, row: Row, prompt: str, texts: list[str], scored: list[Score],
-                ctx: ScoreContext) -> dict[str, Any]:
-    """Everything about one item: its prompt as the model read it, each completion, the answer
-    the task parsed from it and its score components (`scored`, one per completion, as
-    Task.safe_score gives them). A reward or parser that raises, or a reward that overran its
-    time limit, scores 0 and is flagged in `failed`, never dropped."""
-    task = part.task
-    scores, failed, answers = [], [], []
-    for text, (components, ok) in zip(texts, scored):
-        try:
-            answer = task.answer(text, row, ctx)
-        except Exception:  # a parser failure is a recorded wrong answer, as a reward failure is
-            answer, ok = None, False
-            components = {k: 0.0 for k in task.reward_components}
-        scores.append(components)
-        failed.append(not ok)
-        answers.append(answer)
-    record = {"part": part.name, "index": index, "id": str(row.get("id", f"{part.name}-{index}")),
-              "prompt": prompt, "completions": texts, "answers": answers,
-              "scores": scores, "failed": failed}
-    if task.metric_group:
-        record["group"] = str(row.get(task.metric_group, ""))
-    return record
 
 
 def read_records(out: Path) -> dict[tuple[str, int], dict]:
@@ -275,18 +151,23 @@ def consolidate(out: Path, parts: list[Part]) -> dict[tuple[str, int], dict]:
     return {k: records[k] for k in kept}
 
 
-def resume_settings(s: EvalSettings) -> dict[str, Any]:
-    return {k: v for k, v in asdict(s).items() if k not in NOT_RESUME_KEYS}
+def resume_settings(cfg: Config) -> dict[str, Any]:
+    """What the records depend on, as dotted keys: the model evaluated and its image sizes,
+    the evaluated task and data, the decoding (settings.json holds them)."""
+    e = {f"eval.{k}": v for k, v in dataclasses.asdict(cfg.eval).items() if k not in RESUME_EVAL_SKIP}
+    m = {f"model.{k}": getattr(cfg.model, k) for k in ("dtype", "max_pixels", "min_pixels")}
+    t = {f"task.{k}": getattr(cfg.task, k) for k in RESUME_TASK_KEYS}
+    return {**e, **m, **t}
 
 
-def check_resumable(out: Path, s: EvalSettings) -> None:
+def check_resumable(out: Path, cfg: Config) -> None:
     """A folder holding records of other settings is refused (their records would mix)."""
     path = out / SETTINGS
     if not path.is_file():
         if (out / ITEMS).is_file():
             raise EvalError(f"{out} holds items.jsonl but no settings.json: choose another --output")
         return
-    before, now = json.loads(path.read_text(encoding="utf-8")), resume_settings(s)
+    before, now = json.loads(path.read_text(encoding="utf-8")), resume_settings(cfg)
     changed = [f"{k}: {before.get(k)!r} then, {now[k]!r} now" for k in now if before.get(k) != now[k]]
     if changed:
         raise EvalError(f"{out} holds an evaluation with other settings ({'; '.join(changed)}): choose another "
@@ -296,69 +177,53 @@ def check_resumable(out: Path, s: EvalSettings) -> None:
 # ---------------------------------------------------------------- the run
 
 
-def batches(n_rows: int, batch_size: int, rank: int, world: int) -> list[range]:
-    """This process's batches: batch j (items j*B .. j*B+B-1) runs on process j % world."""
-    return [range(j * batch_size, min(n_rows, (j + 1) * batch_size))
-            for j in range(rank, math.ceil(n_rows / batch_size), world)]
-
-
-def run_batch(s: EvalSettings, adapter, ctx: ScoreContext, part: Part, items: range) -> list[dict]:
-    from gpg_vl.rollout import HFEngine, SamplingSettings, encode_rows, rollout
-
-    if not s.greedy:  # seeded by position: the same samples however the run was split or resumed
-        torch.manual_seed(zlib.crc32(f"{s.seed}/{part.name}/{items.start}".encode()))
-    rows = [part.rows[i] for i in items]
-    sampling = SamplingSettings(s.max_new_tokens, s.greedy, s.temperature or 1.0, s.top_p, s.top_k)
-    prompts = encode_rows(adapter, part.task, rows)
-    out = rollout(HFEngine(adapter), adapter, rows, prompts, s.samples, sampling)
-    k = s.samples
-    scored = score_completions(part.task, out.texts, [row for row in rows for _ in range(k)], ctx)
-    return [item_record(part, i, row, prompt.text, out.texts[n * k:(n + 1) * k], scored[n * k:(n + 1) * k], ctx)
-            for n, (i, row, prompt) in enumerate(zip(items, rows, prompts))]
-
-
-def generate_missing(s: EvalSettings, parts: list[Part], adapter, done: set, rank: int, world: int,
-                     out: Path, show: bool) -> None:
+def generate_missing(parts: list[Part], adapter, dec: Decoding, done: set, rank: int, world: int, out: Path,
+                     show: bool) -> None:
     """Evaluate this process's batches that still miss an item, appending records as each ends."""
     from tqdm.auto import tqdm
 
-    ctx = ScoreContext(boxes=adapter.box_convention)
-    todo = [(p, b) for p in parts for b in batches(len(p.rows), s.batch_size, rank, world)
+    from gpg_vl.rollout import HFEngine
+
+    engine, ctx = HFEngine(adapter), ScoreContext(boxes=adapter.box_convention)
+    todo = [(p, b) for p in parts for b in batches(len(p.rows), dec.batch_size, rank, world)
             if any((p.name, i) not in done for i in b)]
     bar = tqdm(total=sum(len(b) for _, b in todo), unit="item", disable=not show, dynamic_ncols=True)
     with (out / RANK_ITEMS.format(rank)).open("a", encoding="utf-8") as f:
         for part, items in todo:
-            bar.set_description(f"{s.task} {part.name}")
-            records = [r for r in run_batch(s, adapter, ctx, part, items) if (part.name, r["index"]) not in done]
+            bar.set_description(f"{part.task.name} {part.name}")
+            records = [r for r in evaluate_batch(part, items, engine, adapter, ctx, dec)
+                       if (part.name, r["index"]) not in done]
             f.write("".join(json.dumps(r, default=str) + "\n" for r in records))
             f.flush()
             bar.update(len(items))
     bar.close()
 
 
-def evaluate(s: EvalSettings) -> dict[str, Any] | None:
-    """Run (or finish) the evaluation; the summary on the main process, None on the others."""
+def evaluate(cfg: Config) -> dict[str, Any] | None:
+    """Run (or finish) the evaluation of eval.model (set it, or see `evaluated_model`); the
+    summary on the main process, None on the others."""
     from accelerate import Accelerator
 
-    s.check()
     acc = Accelerator()
-    out = s.output()
-    parts = load_parts(s)
-    masks = read_masks(s.pred_masks) if s.pred_masks else None
-    check_resumable(out, s)
-    adapter = load_model(s, acc.device)
+    cfg.eval.model = cfg.eval.model or cfg.model.path
+    out = output_folder(cfg)
+    parts = load_parts(cfg)
+    masks = read_masks(cfg.eval.pred_masks) if cfg.eval.pred_masks else None
+    check_resumable(out, cfg)
+    adapter = load_model(cfg, acc.device)
     acc.wait_for_everyone()
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / SETTINGS).write_text(json.dumps(resume_settings(s), indent=1) + "\n", encoding="utf-8")
+        (out / SETTINGS).write_text(json.dumps(resume_settings(cfg), indent=1) + "\n", encoding="utf-8")
         consolidate(out, parts)
     acc.wait_for_everyone()
-    done = set(read_records(out))
-    generate_missing(s, parts, adapter, done, acc.process_index, acc.num_processes, out, acc.is_main_process)
+    dec = decoding(cfg)
+    generate_missing(parts, adapter, dec, set(read_records(out)), acc.process_index, acc.num_processes, out,
+                     acc.is_main_process)
     acc.wait_for_everyone()
     summary = None
     if acc.is_main_process:
-        summary = summarize(s, parts, consolidate(out, parts), masks)
+        summary = summarize(cfg, parts, consolidate(out, parts), masks)
         (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
         (out / TABLE).write_text(comparison_table([summary]), encoding="utf-8")
     acc.wait_for_everyone()
@@ -386,14 +251,13 @@ def mask_columns(part: Part, records: list[dict], masks: dict[str, Any]) -> tupl
     return giou_ciou(overlaps), missing
 
 
-def part_summary(s: EvalSettings, part: Part, records: list[dict], masks: dict[str, Any] | None) -> dict[str, Any]:
+def part_summary(part: Part, records: list[dict], samples: int, masks: dict[str, Any] | None) -> dict[str, Any]:
     task = part.task
-    metrics = part_columns(records, task.metric_component, task.metric_label, bool(task.metric_group), s.samples)
+    metrics = split_metrics(task, records, samples)
     summary = {"name": part.name, "split": part.split, "data": part.data or "bundled sample", "items": len(records),
-               "completions": len(records) * s.samples, "metrics": metrics,
+               "completions": len(records) * samples, "metrics": metrics,
                "headline": TOTAL if task.metric_group else task.metric_label,
-               "reward_means": {c: sum(x[c] for r in records for x in r["scores"]) / (len(records) * s.samples)
-                                for c in task.reward_components},
+               "reward_means": reward_means(task, records),
                "failed": sum(sum(r["failed"]) for r in records),
                "skipped_rows": task.skipped_rows(part.split),  # bad rows dropped at load (on_bad_row=skip)
                "no_answer": sum(a is None for r in records for a in r["answers"])}
@@ -403,17 +267,17 @@ def part_summary(s: EvalSettings, part: Part, records: list[dict], masks: dict[s
     return summary
 
 
-def summarize(s: EvalSettings, parts: list[Part], records: dict[tuple[str, int], dict],
+def summarize(cfg: Config, parts: list[Part], records: dict[tuple[str, int], dict],
               masks: dict[str, Any] | None) -> dict[str, Any]:
     per_part = []
     for part in parts:
         items = [records.get((part.name, i)) for i in range(len(part.rows))]
         if None in items:  # cannot happen unless a process died: say so rather than report a subset
             raise EvalError(f"{part.name}: {items.count(None)} items have no record; run the same command again")
-        per_part.append(part_summary(s, part, items, masks))
-    columns, headline = summary_columns(per_part, suite=bool(s.benchmarks))
-    return {"task": s.task, "name": s.name or s.model, "model": s.model, "settings": asdict(s),
-            "parts": per_part, "columns": columns, "headline": headline}
+        per_part.append(part_summary(part, items, cfg.eval.samples, masks))
+    columns, headline = summary_columns(per_part, suite=bool(cfg.eval.benchmarks))
+    return {"task": cfg.eval.task, "name": cfg.eval.name or cfg.eval.model, "model": cfg.eval.model,
+            "settings": to_dict(cfg), "parts": per_part, "columns": columns, "headline": headline}
 
 
 def read_summary(path: str | Path) -> dict[str, Any]:

@@ -145,28 +145,58 @@ def format_line(step: int, m: dict[str, float]) -> str:
     return " | ".join(parts)
 
 
+def run_facts(run_dir: Path) -> tuple[str, str]:
+    """From a run's config.yaml: the plot's title (task, model, algorithm, seed) and the
+    training metric of the task's headline component; generic ones when it has no config."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    cfg = yaml.safe_load(path.read_text()) if path.is_file() else None
+    if not isinstance(cfg, dict) or not {"task", "model", "algorithm", "train"} <= cfg.keys():
+        return run_dir.name, "reward/accuracy"
+    from gpg_vl.task import get_task_class
+
+    task, evaluated = cfg["task"]["name"], (cfg.get("eval") or {}).get("task") or cfg["task"]["name"]
+    title = f"{task} | {cfg['model']['path']} | {cfg['algorithm']['name']} | seed {cfg['train']['seed']}"
+    if evaluated != task:
+        title += f" | evaluated on {evaluated}"
+    try:
+        component = get_task_class(task).metric_component
+    except Exception:  # a plugin that is not importable here: plot what the records hold
+        component = "accuracy"
+    return title, f"reward/{component}"
+
+
 def plot_curves(metrics_path: str | Path, out_png: str | Path) -> Path:
-    """Reward and accuracy (training and held-out) against optimizer step."""
+    """The run's curves against optimizer step, titled with its task, model, algorithm and seed:
+    the training reward on one axis; on another, the training value of the task's headline
+    reward component and every held-out metric, each under the task's own name (eval/mIoU,
+    eval/accuracy, eval/Total, ...)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metrics_path = Path(metrics_path)
     records = read_metrics(metrics_path)
+    title, train_metric = run_facts(metrics_path.parent)
     train = [r for r in records if "reward/mean" in r]
-    evals = [r for r in records if "eval/accuracy" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in train], [r["reward/mean"] for r in train], label="training reward", alpha=0.8)
-    if train and "reward/accuracy" in train[0]:
-        ax.plot([r["step"] for r in train], [r["reward/accuracy"] for r in train], label="training accuracy",
-                alpha=0.8)
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["eval/accuracy"] for r in evals], "o-",
-                label="held-out greedy accuracy")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("value")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    held = sorted({k for r in records for k in r if k.startswith("eval/") and not k.startswith("eval/reward/")})
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    steps = [r["step"] for r in train]
+    top.plot(steps, [r["reward/mean"] for r in train], label="training reward (weighted sum)", alpha=0.8)
+    top.set_ylabel("reward")
+    if train and train_metric in train[0]:
+        bottom.plot(steps, [r[train_metric] for r in train], label=f"training {train_metric[7:]}", alpha=0.6)
+    for key in held:
+        points = [r for r in records if key in r]
+        bottom.plot([r["step"] for r in points], [r[key] for r in points], "o-", label=f"held-out {key[5:]}")
+    bottom.set_ylabel(", ".join(k[5:] for k in held) or train_metric[7:])
+    bottom.set_xlabel("optimizer step")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     out_png = Path(out_png)
     fig.savefig(out_png, dpi=120)

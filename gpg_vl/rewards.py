@@ -32,8 +32,8 @@ from gpg_vl.boxes import Box, Size
 # ---------------------------------------------------------------- format and tags
 
 THINK_ANSWER_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
-"""The common format of the vision tasks (TASKS.md). `has_think_answer_format` decides the same
-as `THINK_ANSWER_RE.fullmatch(text.strip())`, in linear time."""
+"""The common format of the vision tasks (docs/tasks.md). `has_think_answer_format` decides
+the same as `THINK_ANSWER_RE.fullmatch(text.strip())`, in linear time."""
 
 _THINK_THEN_ANSWER = re.compile(r"</think>\s*+<answer>")
 _OPEN, _CLOSE = "<think>", "</answer>"
@@ -139,7 +139,8 @@ def box_giou(a: Box, b: Box, image_size: Size | None = None) -> float:
 _LATEX_TEXT = re.compile(r"\\(?:text|mathrm|mbox)\s*\{([^{}]*)\}")
 _LATEX_DEGREE = re.compile(r"\^\s*+\{?\s*+\\circ\s*+\}?|\\circ|\\degree")
 _LATEX_FRAC = re.compile(r"\\[dt]?frac\s*+\{\s*+(\d+(?:\.\d+)?)\s*+\}\s*+\{\s*+(\d+(?:\.\d+)?)\s*+\}")
-_UNSIGNED = r"(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d*)?|\.\d+)"
+# A number, with an exponent: "3e2" is 300 (read without it, "e2" would pass for a unit).
+_UNSIGNED = r"((?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)"
 # A trailing unit: degree or percent sign, then words of letters ("cm", "square units", "cm^2").
 _UNIT = r"\s*+[°%]?\s*+(?:[^\W\d_]++(?:\s++[^\W\d_]++)*+(?:\^?[23])?)?\s*+\.?"
 _NUMBER_RE = re.compile(r"(-?)\s*" + _UNSIGNED + r"(?:\s*/\s*" + _UNSIGNED + r")?" + _UNIT)
@@ -147,7 +148,7 @@ _NUMBER_RE = re.compile(r"(-?)\s*" + _UNSIGNED + r"(?:\s*/\s*" + _UNSIGNED + r")
 
 def normalize_number(text: str) -> float | None:
     """The number a short answer states: "140", "140°", "140 degrees", "3.5cm", "1,000", "-2",
-    "1/2", "\\frac{1}{2}", "$140^\\circ$"; None when the text is anything else ("2 or 3", "1,5").
+    "1/2", "\\frac{1}{2}", "$140^\\circ$", "3e2"; None when the text is anything else ("2 or 3", "1,5").
     "50%" is 50, not 0.5: the sign is read as a unit, so "50%" and "50" match either way round."""
     s = unicodedata.normalize("NFKC", text).replace("\u2212", "-").replace("\u2013", "-")
     s = s.replace("$", "").replace("\\%", "%")
@@ -182,20 +183,72 @@ def numbers_match(a: Union[str, float], b: Union[str, float], rel_tol: float = 1
 # ---------------------------------------------------------------- choices
 
 
-def _choice_key(text: str) -> str:
-    return "".join(ch for ch in text.casefold() if not ch.isspace() and ch != "_")
+_SEPARATOR = r"[\s_\-]"  # between the words of a choice: "desert-rose", "desert rose", "desertrose"
+_SEPARATORS = re.compile(_SEPARATOR + "+")
+_LETTER_OR_DIGIT = r"[^\W_]"  # a choice named inside an answer must not continue a word ("rose" in "primrose")
 
 
-def exact_choice(answer: str, choices: Sequence[str]) -> str | None:
-    """The one choice the whole answer names (ignoring case, whitespace and underscores), else None.
-    Closes two known exploits of substring matching (Visual-RFT issues 79, 176): an empty answer
-    names nothing, and "A or B or C" equals no single choice. Choices that collide after
-    normalisation are ambiguous and also give None; a task should reject such a class list."""
-    key = _choice_key(answer)
-    if not key:
-        return None
-    hits = [c for c in choices if _choice_key(c) == key]
-    return hits[0] if len(hits) == 1 else None
+def folded(text: str) -> str:
+    """Text as answers and choices are compared: NFKC (full-width letters and digits are letters
+    and digits: "（Ｂ）" is "(B)") and case-folded."""
+    return unicodedata.normalize("NFKC", text).casefold()
+
+
+def choice_key(text: str) -> str:
+    """A choice as it is compared: folded, without spaces, underscores or hyphens."""
+    return _SEPARATORS.sub("", folded(text))
+
+
+class ChoiceMatcher:
+    """Which of a fixed list of choices (class names, a question's options) an answer names.
+    Names compare by `choice_key`, so case, width, spaces, underscores and hyphens do not
+    matter. Closes the known exploits of substring matching (Visual-RFT issues 79 and 176): an
+    empty answer names nothing, and "A or B or C" names no single choice.
+
+    Raises ValueError for a list the reward could not tell apart: empty, or two choices with
+    the same key."""
+
+    def __init__(self, choices: Sequence[str]):
+        self.by_key: dict[str, str] = {}
+        for choice in choices:
+            key = choice_key(choice)
+            if not key:
+                raise ValueError(f"choice {choice!r:.60} is empty once spaces and punctuation are dropped")
+            if key in self.by_key:
+                raise ValueError(f"choices {self.by_key[key]!r:.60} and {choice!r:.60} are the same once case, "
+                                 f"spaces, underscores and hyphens are ignored")
+            self.by_key[key] = choice
+        if not self.by_key:
+            raise ValueError("the list of choices is empty")
+        self._pattern: re.Pattern | None = None
+
+    @property
+    def choices(self) -> list[str]:
+        return list(self.by_key.values())
+
+    def whole(self, answer: str) -> str | None:
+        """The choice the whole answer is ("Pink_Primrose" is "pink primrose"), else None."""
+        return self.by_key.get(choice_key(answer))
+
+    def named(self, answer: str) -> str | None:
+        """The one choice the answer is, or the one that occurs in it as whole words ("It is a
+        pink primrose." names "pink primrose"); None for none or several ("A or B", "A, B")."""
+        whole = self.whole(answer)
+        if whole is not None:
+            return whole
+        found = {choice_key(m.group()) for m in self.pattern.finditer(folded(answer))}
+        return self.by_key.get(found.pop()) if len(found) == 1 else None
+
+    @property
+    def pattern(self) -> re.Pattern:
+        """Every choice as whole words, longest first: at one position the alternation takes the
+        first that matches, so "desert-rose" wins over "rose" and a choice nested in a longer one
+        is not counted. Compiled once, when first needed."""
+        if self._pattern is None:
+            words = [[w for w in _SEPARATORS.split(folded(c)) if w] for c in self.by_key.values()]
+            alternatives = sorted((f"{_SEPARATOR}*+".join(map(re.escape, w)) for w in words), key=len, reverse=True)
+            self._pattern = re.compile(f"(?<!{_LETTER_OR_DIGIT})(?:{'|'.join(alternatives)})(?!{_LETTER_OR_DIGIT})")
+        return self._pattern
 
 
 # ---------------------------------------------------------------- math answers

@@ -3,8 +3,8 @@
 A task is one small class: it supplies rows, the prompt of a row, the images of a row, and
 a reward made of named components. It knows nothing of the trainer. Three ways in:
 
-- a file in the repository's `tasks/` folder that decorates its class with
-  `@register_task("name")` (the built-in tasks);
+- a module of the package `gpg_vl.tasks` that decorates its class with
+  `@register_task("name")` (the built-in tasks, installed with gpg-vl);
 - an installed package that declares an entry point in the group `gpg_vl.tasks`
   (``[project.entry-points."gpg_vl.tasks"] mytask = "mypkg.mytask:MyTask"``);
 - a path to a Python file, given where a task name is expected
@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import math
+import importlib
 import importlib.util
+import math
+import pkgutil
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -27,16 +29,20 @@ from typing import Any, ClassVar, Sequence, Union
 from PIL import Image
 
 from gpg_vl.boxes import BoxConvention
+from gpg_vl.datafiles import DEFAULT_MAX_IMAGE_PIXELS, Records, Row, image_size, load_records, open_image, \
+    open_records
+from gpg_vl.resources import sample_path
 from gpg_vl.rewards import REWARD_TIMEOUT_S
+from gpg_vl.settings import check, fill
 
-Row = dict[str, Any]
 # A chat: [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}].
-# A plain string is a raw prompt sent without a chat template (base models).
+# A plain string is a raw prompt sent without a chat template (base models); it marks where
+# each image goes with IMAGE_MARKER, which the model's adapter expands to its own image tokens.
 Prompt = Union[list[dict[str, Any]], str]
+IMAGE_MARKER = "<|image|>"
 
 ENTRY_POINT_GROUP = "gpg_vl.tasks"
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default limit (Image.MAX_IMAGE_PIXELS)
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "tasks"
+BUILTIN_PACKAGE = "gpg_vl.tasks"
 
 
 def held_out(key: str, share: int) -> bool:
@@ -69,6 +75,10 @@ class TaskConfig:
     """Registered task name, or a path to a plugin file (`file.py` or `file.py:ClassName`)."""
     data_path: str = ""
     """Local data file or folder, or a hub data set name; empty = the task's bundled sample."""
+    data_config: str = ""
+    """Configuration (subset) name of a hub data set; empty = its default."""
+    data_revision: str = ""
+    """Revision (branch, tag or commit) of a hub data set; empty = its main branch."""
     image_root: str = ""
     """Folder that image paths in the data are relative to; empty = the data file's folder."""
     on_bad_row: str = "error"
@@ -86,26 +96,38 @@ class TaskConfig:
     reward_workers: int = 2
     """Processes that score a batch's completions side by side, each stopped at reward_timeout_s; 0 = score in the trainer's process (then only symbolic checks are time-limited)."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Task-specific settings, documented in the task's class docstring."""
+    """The task's own options (its Options dataclass: `gpg-vl tasks NAME` lists them with types and defaults)."""
+
+
+@dataclass
+class NoOptions:
+    """A task without options of its own."""
 
 
 class Task(ABC):
     """Base class of all task plugins. Subclasses set `reward_components` and implement
     the four hooks. `score` returns one float per component; the training reward is
-    their weighted sum (weights default to 1). The component named "accuracy" is the
-    task's headline metric."""
+    their weighted sum (weights default to 1).
+
+    A task's options are the fields of its `Options` dataclass (each field's docstring is its
+    documentation); `task.options` is checked against it when the task is made and the result
+    is `self.options`. Its metric is the mean of `metric_component` over a split, reported as
+    `metric_label` (by the held-out evaluation during training and by `gpg-vl eval` alike),
+    with one column per value of the row field `metric_group` when it names one."""
 
     name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
     reward_components: ClassVar[tuple[str, ...]] = ("accuracy",)
     reward_weights: ClassVar[dict[str, float]] = {}
-    # How `gpg-vl eval` reports the task (gpg_vl/evaluate.py): the mean of one component over a
-    # split, in percent, under the paper's name, optionally one column per value of a row field.
     metric_component: ClassVar[str] = "accuracy"
     metric_label: ClassVar[str] = "accuracy"
     metric_group: ClassVar[str] = ""
+    splits: ClassVar[tuple[str, ...]] = ("train", "test")
+    """The splits of the task's bundled sample (or of its generated rows)."""
 
     def __init__(self, config: TaskConfig):
         self.config = config
+        self.options = fill(type(self).Options, config.options, f"{self.name or type(self).__name__}: task.options")
         self.load_reports: dict[str, Any] = {}
         """split -> the gpg_vl.datafiles.LoadReport of each split read from files."""
 
@@ -148,16 +170,6 @@ class Task(ABC):
         0 = background, 255 = ignored), or None when the data has none (the default)."""
         return None
 
-    def options_with_defaults(self, defaults: dict[str, Any]) -> dict[str, Any]:
-        """`config.options` over `defaults`; an unknown option name stops with "did you mean"."""
-        for name in self.config.options:
-            if name not in defaults:
-                close = difflib.get_close_matches(name, defaults, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"{self.name}: unknown option {name!r}.{hint} "
-                                 f"Known options: {', '.join(defaults) or 'none'}")
-        return {**defaults, **self.config.options}
-
     def weight(self, component: str) -> float:
         return self.reward_weights.get(component, 1.0)
 
@@ -177,8 +189,109 @@ class Task(ABC):
         return {k: 0.0 for k in self.reward_components}, False
 
 
+class FileTask(Task):
+    """A task whose rows are read from files or a hub data set (gpg_vl.datafiles), under the one
+    bad-row policy (task.on_bad_row), the image checks (task.max_image_pixels) and the load
+    report every task shares; each split is read once. Subclasses write `convert`; the bundled
+    sample is the folder `sample` (default: the task's name) under gpg_vl/assets/samples.
+
+    A row shows the image it keeps under "image" (what datafiles.load_image returned for the
+    record's image), if any, and gets an "id" unless `convert` gave it one."""
+
+    sample: ClassVar[str] = ""
+
+    def __init__(self, config: TaskConfig):
+        super().__init__(config)
+        self._rows: dict[str, list[Row]] = {}
+
+    @property
+    def data_path(self) -> str:
+        return self.config.data_path or sample_path(self.sample or self.name)
+
+    @abstractmethod
+    def convert(self, record: dict[str, Any], image_root: Path | None) -> Row | None:
+        """The row of a raw record; raise datafiles.BadRowError (or KeyError) for a record that
+        cannot be used, return None for one the task leaves out by its own rules."""
+
+    def records(self, split: str) -> Records:
+        """The split's raw records (a subclass may read another layout)."""
+        c = self.config
+        return open_records(self.data_path, split, c.image_root, c.data_config, c.data_revision)
+
+    def max_rows(self, split: str) -> int:
+        """Stop reading a split after this many rows (0 = all)."""
+        return 0
+
+    def finish(self, split: str, rows: list[Row]) -> list[Row]:
+        """The rows of a split once read (a subclass may make several of one record)."""
+        return rows
+
+    def rows(self, split: str) -> list[Row]:
+        if split not in self._rows:
+            c = self.config
+            rows, self.load_reports[split] = load_records(self.records(split), split, self.convert, c.on_bad_row,
+                                                          self.max_rows(split), c.max_image_pixels)
+            self._rows[split] = [{"id": f"{self.name}-{split}-{i}", **row}
+                                 for i, row in enumerate(self.finish(split, rows))]
+        return self._rows[split]
+
+    def images(self, row: Row) -> list[Image.Image]:
+        return [open_image(row["image"], None, self.config.max_image_pixels)] if "image" in row else []
+
+    def image_sizes(self, row: Row) -> list[tuple[int, int]]:
+        return [image_size(row["image"])] if "image" in row else []
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The reward workers get each row with its completion: the row cache stays here.
+        return {**self.__dict__, "_rows": {}}
+
+
+@dataclass
+class GeneratedOptions:
+    num_train: int = 4096
+    """Rows of the training split."""
+    num_test: int = 256
+    """Rows of the test split."""
+    seed: int = 0
+    """Seed of the rows; a scene belongs to one split only (by a hash of its content), so no test image is seen in training."""
+    format_weight: float = 0.0
+    """Weight of the "format" component (a well-formed answer) in the training reward; "accuracy" has weight 1."""
+
+    def __post_init__(self):
+        check(min(self.num_train, self.num_test) >= 1, "num_train and num_test must be >= 1")
+        check(0 <= self.format_weight < math.inf, f"format_weight must be a finite number >= 0, got {self.format_weight}")
+
+
+class GeneratedTask(Task):
+    """A task whose rows are generated from a seed (nothing is read): `make_row(split, i)` makes
+    row i of a split, and rows are made once. Its options include GeneratedOptions."""
+
+    Options = GeneratedOptions
+    reward_components = ("accuracy", "format")
+
+    def __init__(self, config: TaskConfig):
+        super().__init__(config)
+        self._rows: dict[str, list[Row]] = {}
+
+    def weight(self, component: str) -> float:
+        # reward_weights is a class attribute; the format weight is an option of this instance.
+        return self.options.format_weight if component == "format" else super().weight(component)
+
+    @abstractmethod
+    def make_row(self, split: str, index: int) -> Row:
+        """Row `index` of `split`, the same in every run and on every process."""
+
+    def rows(self, split: str) -> list[Row]:
+        if split not in self.splits:
+            raise ValueError(f"{self.name}: unknown split {split!r}; the splits are {', '.join(self.splits)}")
+        if split not in self._rows:
+            count = self.options.num_train if split == "train" else self.options.num_test
+            self._rows[split] = [self.make_row(split, i) for i in range(count)]
+        return self._rows[split]
+
+
 _REGISTRY: dict[str, type[Task]] = {}
-_FILE_TASKS: dict[Path, list[tuple[str, type[Task]]]] = {}  # what each imported plugin file registered
+_BY_MODULE: dict[str, list[tuple[str, type[Task]]]] = {}  # what each imported module registered
 _LOAD_ERRORS: list[str] = []
 _builtins_loaded = False
 
@@ -194,30 +307,35 @@ def register_task(name: str):
             raise ValueError(f"task name {name!r} is taken by {known.__module__}.{known.__qualname__}")
         cls.name = name
         _REGISTRY[name] = cls
+        _BY_MODULE.setdefault(cls.__module__, []).append((name, cls))
         return cls
 
     return wrap
 
 
+def _registered(module):
+    """The module, its tasks registered again (a module is executed once: a registry emptied
+    since, in tests, is refilled from what the module registered then)."""
+    for name, cls in _BY_MODULE.get(module.__name__, []):
+        _REGISTRY.setdefault(name, cls)
+    return module
+
+
 def _import_file(path: Path):
-    """Import a plugin file once; importing it again re-registers what it registered."""
-    path = path.resolve()
-    if path in _FILE_TASKS:
-        for name, cls in _FILE_TASKS[path]:
-            _REGISTRY.setdefault(name, cls)
-        return sys.modules[_module_name(path)]
-    spec = importlib.util.spec_from_file_location(_module_name(path), path)
+    """Import a plugin file once, under a name of its own."""
+    name = _module_name(path.resolve())
+    if name in sys.modules:
+        return _registered(sys.modules[name])
+    spec = importlib.util.spec_from_file_location(name, path.resolve())
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot import task plugin file {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    before = dict(_REGISTRY)
     try:
         spec.loader.exec_module(module)
     except BaseException:
         del sys.modules[spec.name]
         raise
-    _FILE_TASKS[path] = [(n, c) for n, c in _REGISTRY.items() if before.get(n) is not c]
     return module
 
 
@@ -227,17 +345,19 @@ def _module_name(path: Path) -> str:
 
 
 def _load_builtins() -> None:
-    """Import tasks/*.py and the entry points; a plugin that fails is reported, not fatal."""
+    """Import the modules of gpg_vl.tasks and the entry points; a plugin that fails is reported,
+    not fatal."""
     global _builtins_loaded
     if _builtins_loaded:
         return
     _LOAD_ERRORS.clear()
-    for path in sorted(BUILTIN_DIR.glob("*.py")):
-        if not path.name.startswith("_"):
+    package = importlib.import_module(BUILTIN_PACKAGE)
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
             try:
-                _import_file(path)
+                _registered(importlib.import_module(f"{BUILTIN_PACKAGE}.{info.name}"))
             except Exception as err:
-                _LOAD_ERRORS.append(f"{path}: {type(err).__name__}: {err}")
+                _LOAD_ERRORS.append(f"{BUILTIN_PACKAGE}.{info.name}: {type(err).__name__}: {err}")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()

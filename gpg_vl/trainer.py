@@ -11,8 +11,8 @@ One optimizer step:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
-import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -25,6 +25,7 @@ from gpg_vl import build
 from gpg_vl.checkpoint import save_checkpoint
 from gpg_vl.config import Config, to_dict
 from gpg_vl.data import PromptStream
+from gpg_vl.evaluation import decoding, held_out
 from gpg_vl.metrics import PLOT_FILE, MetricsLogger, format_line, plot_curves, truncate_after
 from gpg_vl.models.base import collate
 from gpg_vl.models.policy import PolicyLogprobs
@@ -84,6 +85,8 @@ class Trainer:
         self.ctx = ScoreContext(boxes=self.adapter.box_convention)
         self._load_rows()
         start_reward_workers(self.task)  # after every split is read: the workers get a copy of the task
+        if self.eval_part is not None and self.eval_part.task is not self.task:
+            start_reward_workers(self.eval_part.task)  # another task evaluates (sat trains, cvbench evaluates)
         self.local_groups = t.prompts_per_device * t.grad_accum
         self.stream = PromptStream(len(self.train_rows), self.local_groups * acc.num_processes, t.seed,
                                    acc.process_index, acc.num_processes)
@@ -104,12 +107,13 @@ class Trainer:
         limit, split = self.cfg.rollout.max_prompt_tokens, self.cfg.task.train_split
         self.train_rows, too_long = build.drop_long_prompts(list(self.task.rows(split)), self.task, self.adapter,
                                                             limit)
-        self.eval_rows, eval_too_long = build.drop_long_prompts(
-            build.eval_rows(self.task, self.cfg, self.accelerator.print), self.task, self.adapter, limit)
+        self.eval_part, eval_too_long = build.eval_part(self.task, self.cfg, self.adapter, self.accelerator.print)
+        self.eval_rows = self.eval_part.rows if self.eval_part is not None else []
         # The rows used, the bad rows dropped (task.on_bad_row=skip) and, under a limit, the prompts over it.
+        eval_skipped = self.eval_part.task.skipped_rows(self.eval_part.split) if self.eval_part is not None else 0
         self.data_counts = {"data/train_rows": len(self.train_rows), "data/eval_rows": len(self.eval_rows),
                             "data/train_rows_skipped": self.task.skipped_rows(split),
-                            "data/eval_rows_skipped": self.task.skipped_rows(self.cfg.task.eval_split)}
+                            "data/eval_rows_skipped": eval_skipped}
         if limit > 0:
             self.data_counts["data/prompts_over_limit"] = too_long + eval_too_long
         if too_long + eval_too_long:
@@ -193,7 +197,9 @@ class Trainer:
 
     # ---- update -------------------------------------------------------------------------
     def update(self, batch: StepBatch, lr: float) -> dict[str, float]:
-        """Micro-batches of log-probs and loss, one optimizer step at learning rate `lr`."""
+        """Micro-batches of log-probs and loss, one optimizer step at learning rate `lr` (GRPO:
+        algorithm.updates_per_batch of them, the first on-policy, the later ones with the ratio
+        against the rollout policy clipped)."""
         t, acc = self.cfg.train, self.accelerator
         n_valid = self._global_sum(sum(g.valid for g in batch.groups))
         n_groups = self.local_groups * acc.num_processes
@@ -202,11 +208,12 @@ class Trainer:
             group["lr"] = lr
         self.model.train()
         losses, stats, grad_norm = [], [], float("nan")
-        for i in range(0, len(batch.groups), t.prompts_per_device):
+        for update, i in itertools.product(range(self.cfg.algorithm.updates_per_batch),
+                                           range(0, len(batch.groups), t.prompts_per_device)):
             micro = batch.groups[i:i + t.prompts_per_device]
             with acc.accumulate(self.model):
                 with self.phases("forward"):
-                    loss, loss_stats = self._micro_loss(micro, inv_alpha)
+                    loss, loss_stats = self._micro_loss(micro, inv_alpha, on_policy=update == 0)
                 with self.phases("backward"):
                     acc.backward(loss)
                 losses.append(loss.detach())
@@ -235,7 +242,7 @@ class Trainer:
         with self.rank_log.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def _micro_loss(self, micro: list[Group], inv_alpha: float) -> tuple[Tensor, alg.LossStats]:
+    def _micro_loss(self, micro: list[Group], inv_alpha: float, on_policy: bool = True) -> tuple[Tensor, alg.LossStats]:
         a, G, dev = self.cfg.algorithm, self.G, self.accelerator.device
         prompts = collate([g.prompt for g in micro], self.adapter.pad_token_id).to(dev)
         ids = pad_stack([g.completion_ids for g in micro], self.adapter.pad_token_id).to(dev)  # [N, T]
@@ -244,13 +251,17 @@ class Trainer:
         advantages = alg.group_advantages(rewards, G, self.adv_norm)  # [N]
         chunk, temp = self.cfg.train.logprob_chunk, self.cfg.rollout.temperature
         logprobs = self.model(prompts, ids, mask, G, chunk, temp)  # [N, T]
+        # pi_old of GRPO's ratio: the policy that generated the batch. On the first update that is
+        # the current policy (ratio exactly 1); later ones compare with the log-probs recorded at
+        # generation (same temperature, so the same pi_T).
+        old = None if on_policy else pad_stack([g.logprobs for g in micro], 0.0).to(dev)  # [N, T]
         ref = None
         if self.ref_model is not None:
             with torch.no_grad():
                 ref = self.ref_model(prompts, ids, mask, G, chunk, temp)  # [N, T]
         return alg.policy_loss(self.algorithm, logprobs, advantages, mask.to(logprobs.dtype),
                                inv_alpha=inv_alpha, aggregation=self.aggregation,
-                               constant=float(self.cfg.rollout.max_new_tokens), ref_logprobs=ref,
+                               constant=float(self.cfg.rollout.max_new_tokens), old_logprobs=old, ref_logprobs=ref,
                                clip_eps=a.clip_eps, kl_coef=a.kl_coef)
 
     def _clip(self) -> float:
@@ -289,38 +300,20 @@ class Trainer:
 
     # ---- evaluation ---------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        """Greedy decoding on this rank's shard of the held-out rows; sums over all ranks.
-
-        Every rank makes the same number of `generate` calls (under ZeRO-3 generation is a
-        collective): a short shard is padded with its first row, whose scores are dropped.
-        """
-        acc = self.accelerator
-        rows = self.eval_rows[acc.process_index::acc.num_processes]
-        n_real = len(rows)
-        per_rank = math.ceil(len(self.eval_rows) / acc.num_processes)
-        rows = rows + [self.eval_rows[0]] * (per_rank - n_real)
+        """The held-out evaluation (gpg_vl.evaluation.held_out, the one `gpg-vl eval` runs too) of
+        the current policy: eval/<the task's metric>, and eval/reward/<component>, over all ranks."""
         self.adapter.model.eval()
-        sums = {k: 0.0 for k in self.task.reward_components}
-        size = max(1, self.cfg.train.prompts_per_device * self.G)
-        greedy = SamplingSettings(self.cfg.rollout.max_new_tokens, greedy=True)
-        with generation_context(acc, self.model):
-            for i in range(0, len(rows), size):
-                part = rows[i:i + size]
-                r = rollout(self.engine, self.adapter, part, encode_rows(self.adapter, self.task, part), 1, greedy)
-                scored = score(self.task, r, self.ctx, 1)
-                real = max(0, min(size, n_real - i))
-                for k, v in scored.components.items():
-                    sums[k] += float(v[:real].sum())
-        totals = acc.reduce(torch.tensor([*sums.values(), float(n_real)], device=acc.device), reduction="sum")
-        n = max(1.0, float(totals[-1]))
-        return {f"eval/{k}": float(v) / n for k, v in zip(sums, totals[:-1])}
+        with generation_context(self.accelerator, self.model):
+            values = held_out(self.eval_part, self.engine, self.adapter, self.ctx, decoding(self.cfg), self.accelerator)
+        return {f"eval/{k}": v for k, v in values.items()}
 
     def _evaluate_and_report(self, bar) -> dict[str, float]:
         values = self.evaluate()
         self.logger.log(self.state.step, values)
         if self.accelerator.is_main_process:
-            bar.write(f"step {self.state.step:>4} | held-out greedy " +
-                      " | ".join(f"{k[5:]} {v:.3f}" for k, v in values.items()))
+            how = "greedy" if self.cfg.eval.greedy else f"at temperature {self.cfg.eval.temperature}"
+            bar.write(f"step {self.state.step:>4} | held-out ({how}) " + " | ".join(
+                f"{k[5:]} {v:.3f}" for k, v in values.items() if not k.startswith("eval/reward/")))
         return values
 
     # ---- the loop -----------------------------------------------------------------------

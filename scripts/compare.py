@@ -4,8 +4,8 @@
     python scripts/compare.py --quick         # one seed, one model, the main arms: a few minutes
     python scripts/compare.py --tasks mini_count --arms gpg grpo --seeds 1   # a subset
 
-Every run trains a tiny random-init model (tasks/presets/miniature.yaml) on one of the
-synthetic tasks of tasks/miniature.py, one per reward kind of the paper, for the same
+Every run trains a tiny random-init model (the preset miniature) on one of the
+synthetic tasks of gpg_vl/tasks/miniature.py, one per reward kind of the paper, for the same
 budget of generated completions: the same prompts in the same order and the same seeds for
 every arm. The main arms (gpg, grpo, dr_grpo) run on both tiny models; GPG's ablations
 (F_norm = std, alpha off, beta_th 0 and 0.6) on the tiny Qwen2-VL. Runs go one after
@@ -39,9 +39,11 @@ from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
+from gpg_vl.resources import PRESETS
+
 ROOT = Path(__file__).resolve().parent.parent
-PRESET = ROOT / "tasks" / "presets" / "miniature.yaml"
-MODELS = {"qwen2_vl": "assets/tiny/qwen2_vl", "qwen2_5_vl": "assets/tiny/qwen2_5_vl"}
+PRESET = PRESETS / "miniature.yaml"
+MODELS = {"qwen2_vl": "tiny:qwen2_vl", "qwen2_5_vl": "tiny:qwen2_5_vl"}
 # Held-out score (accuracy, or mean IoU for grounding) that counts as "learned".
 TASKS = {"mini_count": 0.7, "mini_ground": 0.3, "mini_classes": 0.4}
 ARMS = {
@@ -81,7 +83,7 @@ def plan(models: list[str], tasks: list[str], arms: list[str], seeds: int) -> li
 
 def overrides(run: Run, folder: Path, setting: dict) -> list[str]:
     algo = [f"algorithm.{k}={json.dumps(v)}" for k, v in ARMS[run.arm].items()]
-    return [f"model.path={ROOT / MODELS[run.model]}", f"task.name={run.task}", *algo,
+    return [f"model.path={MODELS[run.model]}", f"task.name={run.task}", *algo,
             f"train.seed={run.seed}", f"train.output_dir={folder}", f"train.max_samples={setting['samples']}",
             f"task.eval_size={setting['eval_size']}", "train.eval_every=0",
             f"train.eval_every_samples={setting['eval_every']}",
@@ -123,7 +125,12 @@ def train_one(run: Run, out: Path, setting: dict) -> None:
 
 def raw_records(run: Run, metrics: list[dict], wall: float) -> list[dict]:
     """One record per step (step 0 included): training metrics and, where it was measured,
-    the held-out score; `wall` is the whole run's wall time."""
+    the held-out score (the task's own metric: eval/accuracy, eval/mIoU for mini_ground);
+    `wall` is the whole run's wall time."""
+    from gpg_vl.task import get_task_class
+
+    task = get_task_class(run.task)
+    heldout, trained = f"eval/{task.metric_label}", f"reward/{task.metric_component}"
     steps: dict[int, dict] = {}
     for m in metrics:
         steps.setdefault(m["step"], {}).update(m)
@@ -131,7 +138,7 @@ def raw_records(run: Run, metrics: list[dict], wall: float) -> list[dict]:
     for step in sorted(steps):
         m = steps[step]
         records.append({**asdict(run), "step": step, "samples": m.get("samples_generated", 0),
-                        "heldout": m.get("eval/accuracy"), "train_reward": m.get("reward/accuracy"),
+                        "heldout": m.get(heldout), "train_reward": m.get(trained),
                         "valid_fraction": m.get("valid_fraction"), "resample_rounds": m.get("resample_rounds"),
                         "step_time": m.get("step_time"), "run_wall_time": round(wall, 2)})
     return records

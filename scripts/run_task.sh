@@ -3,7 +3,7 @@
 #
 #   bash scripts/run_task.sh TASK [--preset NAME] [--nproc N] [section.option=value ...]
 #
-# The preset is tasks/presets/TASK.yaml, or tasks/presets/TASK_NAME.yaml with --preset NAME.
+# The preset is the bundled TASK (gpg-vl presets lists them), or TASK_NAME with --preset NAME.
 # A preset line "# launcher: zero2|zero3|ddp" picks scripts/accelerate/<launcher>.yaml on GPUs.
 # On GPUs: accelerate launch over all visible GPUs (or --nproc N).
 # Without GPUs: one process, or N CPU processes (gloo) through torchrun with --nproc N.
@@ -24,10 +24,11 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-config=tasks/presets/${task}${preset:+_$preset}.yaml
+presets=$(python -c 'from gpg_vl.resources import PRESETS; print(PRESETS)')
+config=$presets/${task}${preset:+_$preset}.yaml
 if [ ! -f "$config" ]; then
-  echo "no preset $config; presets of '$task':" >&2
-  ls tasks/presets | grep -E "^${task}(_.*)?\.yaml$" >&2 || echo "  (none: see tasks/presets/)" >&2
+  echo "no preset ${task}${preset:+_$preset} ($config); presets of '$task':" >&2
+  ls "$presets" | sed -n "s/^\(${task}\(_.*\)\{0,1\}\)\.yaml$/  \1/p" | grep . >&2 || echo "  (none: gpg-vl presets lists them)" >&2
   exit 2
 fi
 

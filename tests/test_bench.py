@@ -13,6 +13,7 @@ import pytest
 from gpg_vl.bench import BenchTask, Shape, build_model, hash_reward, qwen2_tokenizer
 from gpg_vl.models import load_adapter
 from gpg_vl.task import TaskConfig
+from gpg_vl.resources import TINY_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,7 +58,7 @@ def test_the_reward_depends_on_the_text_alone():
 def test_every_arm_runs_and_the_table_has_their_ratios(tmp_path):
     """One timed step of each arm at a toy shape (the tiny tokenizer keeps it fast)."""
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "gpg_vl.cli", "bench", "--tokenizer", str(ROOT / "assets/tiny/qwen2_vl"),
+    cmd = [sys.executable, "-m", "gpg_vl.cli", "bench", "--tokenizer", str(TINY_MODELS / "qwen2_vl"),
            "--hidden", "64", "--layers", "1", "--vision-depth", "1", "--image-size", "56", "--new-tokens", "4",
            "--group-size", "4", "--steps", "1", "--warmup", "0", "--repeats", "1", "--threads", "1", "--vs-trl",
            "--baseline-src", str(ROOT), "--out", str(out)]

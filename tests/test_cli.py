@@ -39,12 +39,12 @@ def test_run_task_script_trains_the_tiny_preset(tmp_path):
 
 def test_run_task_script_names_the_presets_it_has():
     done = run("bash", "scripts/run_task.sh", "shapes", "--preset", "huge")
-    assert done.returncode == 2 and "shapes.yaml" in done.stderr
+    assert done.returncode == 2 and "no preset shapes_huge" in done.stderr and "  shapes\n" in done.stderr
 
 
 def test_the_example_plugin_outside_tasks_trains(tmp_path):
-    done = run(sys.executable, "-m", "gpg_vl.cli", "train", "--config", "tasks/presets/shapes.yaml",
-               "task.name=assets/examples/brightness_task.py", "task.options={num_rows: 64}",
+    done = run(sys.executable, "-m", "gpg_vl.cli", "train", "--preset", "shapes",
+               f"task.name={ROOT / 'assets/examples/brightness_task.py'}", "task.options={num_rows: 64}",
                f"train.output_dir={tmp_path}", "train.max_steps=2", "task.eval_size=8", "train.tensorboard=false")
     assert done.returncode == 0, done.stderr[-2000:]
     assert '"reward/accuracy"' in (tmp_path / "metrics.jsonl").read_text()

@@ -1,8 +1,12 @@
 """Config: YAML + dotted overrides, validation messages, field docs as help."""
 
-import pytest
+import re
 
-from gpg_vl.config import ConfigError, help_text, load_config, parse_override
+import pytest
+import yaml
+
+from gpg_vl.cli import main
+from gpg_vl.config import ConfigError, help_text, load_config, parse_override, to_yaml
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -72,3 +76,67 @@ def test_one_budget_at_a_time():
     with pytest.raises(ConfigError, match="set one budget"):
         load_config(None, ["train.max_steps=10", "train.max_samples=1000"])
     assert load_config(None, ["train.max_samples=1000"]).train.max_samples == 1000
+
+
+def test_a_preset_extends_another_mapping_by_mapping(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("task:\n  name: sat\n  options:\n    prompt: instruct\n    seed: 3\ntrain:\n  max_steps: 9\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base.yaml\ntask:\n  options:\n    seed: 4\n")
+    cfg = load_config(child)
+    assert cfg.task.name == "sat" and cfg.task.options == {"prompt": "instruct", "seed": 4}
+    assert cfg.train.max_steps == 9
+    bundled = tmp_path / "bundled.yaml"
+    bundled.write_text("extends: sat\ntrain:\n  max_steps: 1\n")  # a bundled preset by name
+    assert load_config(bundled).eval.task == "cvbench"
+    base.write_text("extends: child.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(child)
+
+
+def test_the_resolved_config_records_what_runs():
+    """Algorithm defaults and the evaluation's derived settings are filled in at load, so
+    config.yaml reruns the same thing (null beta_th used to be saved)."""
+    cfg = load_config(None, ["train.prompts_per_device=3", "algorithm.group_size=4", "rollout.max_new_tokens=9"])
+    assert (cfg.algorithm.beta_th, cfg.algorithm.advantage_norm, cfg.algorithm.loss_aggregation) == \
+        (0.4, "none", "sequence")
+    assert (cfg.eval.task, cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.eval.splits) == ("shapes", 12, 9, ["test"])
+    again = yaml.safe_load(to_yaml(cfg))
+    assert again["algorithm"]["beta_th"] == 0.4 and again["eval"]["batch_size"] == 12
+
+
+def test_print_config_shows_the_resolved_config_without_running(capsys, tmp_path):
+    assert main(["train", "--preset", "sat_tiny", "--print-config", f"train.output_dir={tmp_path / 'no'}"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["task"]["options"]["max_train_rows"] == 15000  # from sat, which sat_tiny extends
+    assert printed["algorithm"]["beta_th"] == 0.4 and printed["eval"]["task"] == "cvbench"
+    assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"kinds": ["count"], "num_tran": 3}, "unknown option 'num_tran' (did you mean num_train?)"),
+    ({"num_train": "many"}, "option num_train must be an integer"),
+])
+def test_task_options_are_typed_and_suggest(options, message):
+    from gpg_vl.task import TaskConfig, build_task
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_task(TaskConfig(name="shapes", options=options))
+
+
+def test_updates_per_batch_is_for_the_grpo_baselines():
+    assert load_config(None, ["algorithm.name=grpo", "algorithm.updates_per_batch=2"]).algorithm.updates_per_batch == 2
+    with pytest.raises(ConfigError, match="gpg is on-policy"):
+        load_config(None, ["algorithm.updates_per_batch=2"])
+
+
+def test_tasks_name_describes_the_task_and_presets_lists_them(capsys):
+    assert main(["tasks", "lisa"]) == 0
+    out = capsys.readouterr().out
+    assert "metric: mIoU: the mean of the 'iou' reward" in out and "presets: lisa, lisa_tiny" in out
+    assert "iou (weight 0)" in out and "options (task.options.NAME=VALUE):\n  none" in out
+    assert main(["tasks", "geoqa"]) == 0 and "ReasonSeg" not in capsys.readouterr().out
+    assert main(["tasks", "shapes"]) == 0
+    assert "num_train (int, default 4096)" in capsys.readouterr().out
+    assert main(["presets"]) == 0
+    assert "sat_tiny" in capsys.readouterr().out

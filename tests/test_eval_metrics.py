@@ -55,7 +55,7 @@ def test_lisa_miou_is_the_mean_iou_with_misses_as_zero():
     scored = [[task.score(f"<answer>{a}</answer>", LISA_ROW, PIXELS)] for a in answers]
     recs = [{"scores": s} for s in scored]
     # (0.25 + 0.16 + 0 + 0) / 4 = 0.1025
-    assert part_columns(recs, task.metric_component, task.metric_label, False, 1) == {"mIoU": pytest.approx(10.25)}
+    assert part_columns(recs, task.metric_component, task.metric_label, False, 1) == {"mIoU": pytest.approx(0.1025)}
 
 
 def test_lisa_parsed_answer_is_the_box_in_original_pixels():
@@ -88,8 +88,8 @@ def test_mask_giou_and_ciou_through_rle():
     overlaps = [mask_overlap(p, g) for p, g in zip(decoded, (gold_a, gold_b, gold_c))]
     assert overlaps == [(2, 5), (0, 2), (0, 0)]
     got = giou_ciou(overlaps)
-    assert got["gIoU"] == pytest.approx(100 * (2 / 5 + 0 + 1) / 3)      # 46.67
-    assert got["cIoU"] == pytest.approx(100 * (2 + 0 + 0) / (5 + 2 + 0))  # 28.57
+    assert got["gIoU"] == pytest.approx((2 / 5 + 0 + 1) / 3)      # 0.4667
+    assert got["cIoU"] == pytest.approx((2 + 0 + 0) / (5 + 2 + 0))  # 0.2857
 
 
 def test_uncompressed_rle_and_a_size_mismatch():
@@ -123,8 +123,8 @@ def test_cvbench_categories_and_sample_weighted_total():
     recs = records([[1], [1], [0], [0], [1], [0]], ["Count", "Count", "Count", "Relation", "Depth", "Depth"])
     got = part_columns(recs, "accuracy", "accuracy", True, 1)
     assert list(got) == ["Count", "Relation", "Depth", "Total"]
-    assert got["Count"] == pytest.approx(200 / 3) and got["Relation"] == 0 and got["Depth"] == 50
-    assert got["Total"] == pytest.approx(50.0)  # 3 of 6 items, not the mean of the categories (38.9)
+    assert got["Count"] == pytest.approx(2 / 3) and got["Relation"] == 0 and got["Depth"] == 0.5
+    assert got["Total"] == pytest.approx(0.5)  # 3 of 6 items, not the mean of the categories (0.389)
 
 
 # ---------------------------------------------------------------- math: pass@1, mean@k, the suite average
@@ -133,19 +133,20 @@ def test_cvbench_categories_and_sample_weighted_total():
 def test_pass_at_1_is_the_first_sample_and_mean_at_k_all_samples():
     recs = records([[1, 0, 1], [0, 1, 1], [1, 1, 1], [0, 0, 0]])
     got = part_columns(recs, "accuracy", "pass@1", False, 3)
-    assert got["pass@1"] == pytest.approx(50.0)          # first samples 1, 0, 1, 0
-    assert got["mean@3"] == pytest.approx(700 / 12)      # 7 of 12 samples correct
+    assert got["pass@1"] == pytest.approx(0.5)          # first samples 1, 0, 1, 0
+    assert got["mean@3"] == pytest.approx(7 / 12)      # 7 of 12 samples correct
 
 
 def test_suite_average_and_splits_side_by_side():
-    aime = {"name": "aime24", "metrics": {"pass@1": 30.0, "mean@4": 25.0}, "headline": "pass@1"}
-    amc = {"name": "amc23", "metrics": {"pass@1": 60.0, "mean@4": 55.0}, "headline": "pass@1"}
+    aime = {"name": "aime24", "metrics": {"pass@1": 0.30, "mean@4": 0.25}, "headline": "pass@1"}
+    amc = {"name": "amc23", "metrics": {"pass@1": 0.60, "mean@4": 0.55}, "headline": "pass@1"}
     columns, headline = summary_columns([aime, amc], suite=True)
-    assert columns["average pass@1"] == 45.0 and columns["average mean@4"] == 40.0 and headline == 45.0
-    test = {"name": "test", "metrics": {"mIoU": 51.8}, "headline": "mIoU"}
-    val = {"name": "val", "metrics": {"mIoU": 51.3}, "headline": "mIoU"}
+    assert columns["average pass@1"] == pytest.approx(0.45) and columns["average mean@4"] == pytest.approx(0.40)
+    assert headline == pytest.approx(0.45)
+    test = {"name": "test", "metrics": {"mIoU": 0.518}, "headline": "mIoU"}
+    val = {"name": "val", "metrics": {"mIoU": 0.513}, "headline": "mIoU"}
     columns, headline = summary_columns([test, val], suite=False)
-    assert columns == {"test mIoU": 51.8, "val mIoU": 51.3} and headline == 51.8
+    assert columns == {"test mIoU": 0.518, "val mIoU": 0.513} and headline == 0.518
 
 
 # ---------------------------------------------------------------- classification: the average of four sets
@@ -157,18 +158,18 @@ def summary(task, name, value):
 
 def test_classification_average_over_the_four_sets():
     sets = ("flower102", "pets37", "fgvc_aircraft", "cars196")
-    summaries = [summary(t, "base", v) for t, v in zip(sets, (80.0, 60.0, 40.0, 21.0))]
-    summaries += [summary(t, "gpg", v) for t, v in zip(sets, (90.0, 90.0, 80.0, 80.0))]
-    lines = comparison_table(summaries).splitlines()
+    summaries = [summary(t, "base", v) for t, v in zip(sets, (0.80, 0.60, 0.40, 0.21))]
+    summaries += [summary(t, "gpg", v) for t, v in zip(sets, (0.90, 0.90, 0.80, 0.80))]
+    lines = comparison_table(summaries).splitlines()  # fractions, printed in percent as the paper
     assert lines[0] == "| model | flower102 | pets37 | fgvc_aircraft | cars196 | average |"
     assert lines[2] == "| base | 80.00 | 60.00 | 40.00 | 21.00 | 50.25 |"  # (80 + 60 + 40 + 21) / 4
     assert lines[3] == "| gpg | 90.00 | 90.00 | 80.00 | 80.00 | 85.00 |"
 
 
 def test_merge_names_missing_cells_and_clashes():
-    table = comparison_table([summary("flower102", "x", 80.0), summary("pets37", "y", 60.0)], names=["a", "b"])
+    table = comparison_table([summary("flower102", "x", 0.8), summary("pets37", "y", 0.6)], names=["a", "b"])
     assert "| a | 80.00 | – | – |" in table and "| b | – | 60.00 | – |" in table
     with pytest.raises(ValueError, match="one name per summary"):
-        comparison_table([summary("flower102", "x", 80.0)], names=["a", "b"])
+        comparison_table([summary("flower102", "x", 0.8)], names=["a", "b"])
     with pytest.raises(ValueError, match="two summaries of task 'flower102'"):
-        comparison_table([summary("flower102", "x", 80.0), summary("flower102", "x", 70.0)])
+        comparison_table([summary("flower102", "x", 0.8), summary("flower102", "x", 0.7)])

@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from gpg_vl.resources import PRESETS
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
 def test_tiny_qwen2_vl_learns_shapes_with_gpg(tmp_path):
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "gpg_vl.cli", "train", "--config", str(ROOT / "tasks/presets/shapes.yaml"),
+    cmd = [sys.executable, "-m", "gpg_vl.cli", "train", "--config", str(PRESETS / "shapes.yaml"),
            f"train.output_dir={out}", "train.eval_every=0", "train.save_every=0", "train.tensorboard=false",
            "train.plot=false"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,12 +17,14 @@ from gpg_vl.boxes import NormalizedBoxes, PixelBoxes, ResizedPixelBoxes, smart_r
 from gpg_vl.models import SUPPORTED_MODEL_TYPES, UnsupportedModelError, load_adapter
 from gpg_vl.models.base import collate
 from gpg_vl.models.policy import PolicyLogprobs
-from gpg_vl.models.qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
+from gpg_vl.models.qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, QwenVLAdapter
 from gpg_vl.models.text import Qwen2Adapter
 from gpg_vl.models.tiny import ANSWER_WORDS, build_tiny_models
 from gpg_vl.rollout import completion_mask
+from gpg_vl.task import IMAGE_MARKER
+from gpg_vl.resources import TINY_MODELS
 
-TINY = Path(__file__).resolve().parent.parent / "assets" / "tiny"
+
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen2")
 VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 MAX_PIXELS = 12544
@@ -31,7 +32,7 @@ MAX_PIXELS = 12544
 
 @pytest.fixture(scope="module")
 def adapters():
-    return {name: load_adapter(str(TINY / name), max_pixels=MAX_PIXELS) for name in FAMILIES}
+    return {name: load_adapter(str(TINY_MODELS / name), max_pixels=MAX_PIXELS) for name in FAMILIES}
 
 
 def chat(text: str, n_images: int) -> list[dict]:
@@ -40,7 +41,7 @@ def chat(text: str, n_images: int) -> list[dict]:
 
 def two_prompts(adapter):
     """A left-padded batch: prompts of different lengths, images of two sizes."""
-    n = 1 if adapter.has_vision else 0
+    n = 1 if isinstance(adapter, QwenVLAdapter) else 0
     prompts = [chat("What colour is the shape?", n), chat("How many circles are in the image? Answer with a number.", n)]
     images = [[Image.new("RGB", (60, 90), "red")], [Image.new("RGB", (200, 120), "blue")]] if n else [[], []]
     return prompts, images
@@ -71,7 +72,7 @@ def test_adapter_chosen_by_model_type_not_path(tmp_path):
     misleading = {"qwen2_5_vl": "Qwen2-VL-2B-Instruct", "qwen2_vl": "Qwen2.5-VL-3B", "qwen2": "qwen2_vl-text"}
     expected = {"qwen2_5_vl": Qwen2_5_VLAdapter, "qwen2_vl": Qwen2VLAdapter, "qwen2": Qwen2Adapter}
     for family, folder_name in misleading.items():
-        folder = shutil.copytree(TINY / family, tmp_path / folder_name)
+        folder = shutil.copytree(TINY_MODELS / family, tmp_path / folder_name)
         assert type(load_adapter(str(folder))) is expected[family]
 
 
@@ -86,7 +87,7 @@ def test_unknown_model_type_lists_supported(tmp_path):
 
 def test_bad_dtype_is_refused():
     with pytest.raises(ValueError, match="float32"):
-        load_adapter(str(TINY / "qwen2"), dtype="fp32")
+        load_adapter(str(TINY_MODELS / "qwen2"), dtype="fp32")
 
 
 # --- inputs -----------------------------------------------------------------------------
@@ -109,7 +110,7 @@ def test_image_token_count(adapters, family, size):
 def test_batch_encoding_equals_one_by_one(adapters, family):
     adapter = adapters[family]
     prompts, images = two_prompts(adapter)
-    if adapter.has_vision:  # a prompt with two images of other sizes
+    if isinstance(adapter, QwenVLAdapter):  # a prompt with two images of other sizes
         prompts.append(chat("Which is larger?", 2))
         images.append([Image.new("RGB", (300, 41), "white"), Image.new("RGB", (56, 56), "black")])
     for together, p, i in zip(adapter.encode_batch(prompts, images), prompts, images):
@@ -152,13 +153,15 @@ def test_collate_left_pads(adapters, family):
         assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_raw_string_prompt_is_sent_as_is(adapters):
+def test_raw_string_prompt_is_sent_as_is_with_its_image_marker_expanded(adapters):
     adapter = adapters["qwen2_vl"]
-    raw = "Question: <|vision_start|><|image_pad|><|vision_end|> what colour? Answer:"
+    raw = f"Question: {IMAGE_MARKER} what colour? Answer:"
     enc = adapter.encode(raw, [Image.new("RGB", (56, 56))])
     text = adapter.tokenizer.decode(enc.input_ids)
-    assert text.startswith("Question: <|vision_start|>") and text.endswith(" what colour? Answer:")
-    assert "<|im_start|>" not in text and enc.text == raw
+    assert text.startswith("Question: <|vision_start|><|image_pad|>") and text.endswith(" what colour? Answer:")
+    assert "<|im_start|>" not in text and enc.text == raw.replace(IMAGE_MARKER, "<|vision_start|><|image_pad|><|vision_end|>")
+    with pytest.raises(ValueError, match="places 0 image"):  # the family's own tokens are the adapter's to write
+        adapter.encode("Question: <|vision_start|><|image_pad|><|vision_end|> what?", [Image.new("RGB", (56, 56))])
 
 
 def test_text_adapter_refuses_images(adapters):
@@ -232,7 +235,7 @@ def test_box_conventions(adapters):
     assert adapters["qwen2_vl"].box_convention == NormalizedBoxes(1000)
     assert adapters["qwen2_5_vl"].box_convention == ResizedPixelBoxes(factor=28, min_pixels=3136, max_pixels=MAX_PIXELS)
     assert adapters["qwen2"].box_convention == PixelBoxes()
-    other = load_adapter(str(TINY / "qwen2_5_vl"), min_pixels=6272, max_pixels=50176)
+    other = load_adapter(str(TINY_MODELS / "qwen2_5_vl"), min_pixels=6272, max_pixels=50176)
     assert other.box_convention == ResizedPixelBoxes(factor=28, min_pixels=6272, max_pixels=50176)
 
 
@@ -247,7 +250,7 @@ def test_builder_reproduces_committed_assets(tmp_path):
     built = build_tiny_models(tmp_path, seed=0)
     assert sorted(built) == sorted(FAMILIES)
     for family, folder in built.items():
-        committed = TINY / family
+        committed = TINY_MODELS / family
         assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in committed.iterdir())
         for name in ("config.json", "generation_config.json", "tokenizer_config.json", "preprocessor_config.json"):
             if (committed / name).exists():
@@ -261,7 +264,7 @@ def test_builder_reproduces_committed_assets(tmp_path):
 @pytest.mark.parametrize("model_type", ["qwen3", "llama"])
 def test_other_text_families(tmp_path, model_type):
     """A plain causal LM of another family, built from a config with the tiny tokenizer."""
-    src = TINY / "qwen2"
+    src = TINY_MODELS / "qwen2"
     base = json.loads((src / "config.json").read_text())
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "eos_token_id", "pad_token_id", "tie_word_embeddings")
@@ -271,7 +274,7 @@ def test_other_text_families(tmp_path, model_type):
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         shutil.copy(src / name, tmp_path / name)
     adapter = load_adapter(str(tmp_path))
-    assert adapter.model_type == model_type and not adapter.has_vision
+    assert adapter.model_type == model_type and not isinstance(adapter, QwenVLAdapter)
     prompts = encoded(adapter)
     ids, generated = sample(adapter, prompts)
     mask = completion_mask(ids, adapter.eos_token_ids)
@@ -290,7 +293,7 @@ def test_processor_fallback_only_for_missing_torchvision(monkeypatch):
 
     monkeypatch.setattr(qwen_vl.AutoProcessor, "from_pretrained", fail("needs sentencepiece"))
     with pytest.raises(ImportError, match="sentencepiece"):
-        qwen_vl.load_processor(str(TINY / "qwen2_vl"), qwen_vl.Qwen2VLProcessor, False)
+        qwen_vl.load_processor(str(TINY_MODELS / "qwen2_vl"), qwen_vl.Qwen2VLProcessor, False)
     monkeypatch.setattr(qwen_vl.AutoProcessor, "from_pretrained", fail("requires the Torchvision library"))
-    processor = qwen_vl.load_processor(str(TINY / "qwen2_vl"), qwen_vl.Qwen2VLProcessor, False)
+    processor = qwen_vl.load_processor(str(TINY_MODELS / "qwen2_vl"), qwen_vl.Qwen2VLProcessor, False)
     assert isinstance(processor, qwen_vl.Qwen2VLProcessor) and not hasattr(processor, "video_processor")

@@ -6,7 +6,6 @@ families and a text model, with prompts of different lengths and images of diffe
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +14,10 @@ from PIL import Image
 from gpg_vl.models import load_adapter
 from gpg_vl.models.base import collate
 from gpg_vl.models.policy import PolicyLogprobs, chunked_head_logprobs, token_logprobs
+from gpg_vl.models.qwen_vl import QwenVLAdapter
+from gpg_vl.resources import TINY_MODELS
 
-TINY = Path(__file__).resolve().parent.parent / "assets" / "tiny"
+
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen2")
 G = 3
 
@@ -27,7 +28,7 @@ def chat(text: str, n_images: int) -> list[dict]:
 
 def encoded_prompts(adapter):
     """Three prompts of different lengths; for VL models images of three sizes, one prompt with two."""
-    if not adapter.has_vision:
+    if not isinstance(adapter, QwenVLAdapter):
         texts = ["What colour?", "How many circles are in the image? Answer with a number.", "Count."]
         return adapter.encode_batch([chat(t, 0) for t in texts], [[], [], []])
     prompts = [chat("What colour is the shape?", 1), chat("How many circles are there? Answer with a number.", 1),
@@ -62,7 +63,7 @@ def plain_logprobs(adapter, model, prompts, ids, mask):
             types[i, width - p.num_tokens:width] = p.mm_token_type_ids
     input_ids[:, width:], attention[:, width:] = ids, mask
     extra = {}
-    if adapter.has_vision:
+    if isinstance(adapter, QwenVLAdapter):
         with_images = [p for p in rows if p.pixel_values is not None]
         extra = dict(pixel_values=torch.cat([p.pixel_values for p in with_images]),
                      image_grid_thw=torch.cat([p.image_grid_thw for p in with_images]), mm_token_type_ids=types)
@@ -72,7 +73,7 @@ def plain_logprobs(adapter, model, prompts, ids, mask):
 
 @pytest.fixture(scope="module")
 def adapters():
-    return {f: load_adapter(str(TINY / f), max_pixels=12544) for f in FAMILIES}
+    return {f: load_adapter(str(TINY_MODELS / f), max_pixels=12544) for f in FAMILIES}
 
 
 def grads(model) -> dict[str, torch.Tensor]:
@@ -177,7 +178,7 @@ def test_chunked_head_holds_one_chunk_of_logits():
 
 
 def test_bfloat16_weights_give_float32_logprobs_and_gradients():
-    adapter = load_adapter(str(TINY / "qwen2_vl"), dtype="bfloat16", max_pixels=12544, gradient_checkpointing=True)
+    adapter = load_adapter(str(TINY_MODELS / "qwen2_vl"), dtype="bfloat16", max_pixels=12544, gradient_checkpointing=True)
     assert adapter.model.dtype == torch.bfloat16 and adapter.model.is_activation_checkpointing
     adapter.model.train()
     prompts = encoded_prompts(adapter)

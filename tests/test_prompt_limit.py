@@ -12,9 +12,10 @@ from PIL import Image
 from gpg_vl.build import drop_long_prompts
 from gpg_vl.models import load_adapter
 from gpg_vl.task import Task, TaskConfig, image_chat
+from gpg_vl.resources import TINY_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "assets" / "tiny"
+
 
 
 class Sized(Task):
@@ -35,7 +36,7 @@ class Sized(Task):
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_long_prompts_are_dropped_by_their_full_length(family):
-    adapter = load_adapter(str(TINY / family), max_pixels=50176)
+    adapter = load_adapter(str(TINY_MODELS / family), max_pixels=50176)
     task = Sized(TaskConfig(name="sized"))
     rows = task.rows("train")
     lengths = [adapter.encode(task.prompt(r), task.images(r)).num_tokens for r in rows]
@@ -48,12 +49,12 @@ def test_long_prompts_are_dropped_by_their_full_length(family):
 
 def test_a_run_counts_what_it_skipped(tmp_path):
     """The coin task's prompts are "coin 5:" .. "coin 63:": one digit more is one token more."""
-    adapter = load_adapter(str(TINY / "qwen2"))
+    adapter = load_adapter(str(TINY_MODELS / "qwen2"))
     short = adapter.encode("coin 5:", []).num_tokens
     assert adapter.encode("coin 55:", []).num_tokens > short
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "gpg_vl.cli", "train", f"train.output_dir={out}", "train.tensorboard=false",
-           "train.plot=false", "model.path=assets/tiny/qwen2", f"task.name={ROOT / 'tests/plugins/coin_task.py'}",
+           "train.plot=false", "model.path=tiny:qwen2", f"task.name={ROOT / 'tests/plugins/coin_task.py'}",
            "task.eval_split=", "algorithm.group_size=2", "rollout.max_new_tokens=2", f"rollout.max_prompt_tokens={short}",
            "train.prompts_per_device=2", "train.grad_accum=1", "train.max_steps=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

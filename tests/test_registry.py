@@ -79,10 +79,16 @@ def test_a_raising_reward_scores_zero_and_is_counted(tmp_path, fresh_registry):
 
 
 def test_a_broken_plugin_is_reported_not_fatal(tmp_path, monkeypatch, fresh_registry):
-    (tmp_path / "broken.py").write_text("import not_a_module_anywhere\n")
-    (tmp_path / "fine.py").write_text(PLUGIN.format(name="fine"))
-    monkeypatch.setattr(registry, "BUILTIN_DIR", tmp_path)
+    package = tmp_path / "some_tasks"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "broken.py").write_text("import not_a_module_anywhere\n")
+    (package / "fine.py").write_text(PLUGIN.format(name="fine"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "BUILTIN_PACKAGE", "some_tasks")
     monkeypatch.setattr(registry, "_REGISTRY", {})
     assert registry.task_names() == ["fine"]
-    with pytest.raises(registry.UnknownTaskError, match="broken.py: ModuleNotFoundError"):
+    with pytest.raises(registry.UnknownTaskError, match="some_tasks.broken: ModuleNotFoundError"):
         registry.get_task_class("nothing")
+    for name in ("some_tasks", "some_tasks.broken", "some_tasks.fine"):
+        sys.modules.pop(name, None)

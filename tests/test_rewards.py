@@ -7,7 +7,7 @@ import time
 import pytest
 
 from gpg_vl.rewards import (
-    THINK_ANSWER_RE, box_giou, box_iou, clip_box, exact_choice, extract_tag, has_think_answer_format,
+    THINK_ANSWER_RE, ChoiceMatcher, box_giou, box_iou, choice_key, clip_box, extract_tag, has_think_answer_format,
     normalize_number, numbers_match, parse_box,
 )
 
@@ -154,7 +154,7 @@ def test_iou_giou_ranges_on_random_boxes():
     ("5 cm^2", 5.0), ("1,000", 1000.0), ("1,000,000.5", 1000000.5), ("-2", -2.0), ("\u22122", -2.0),
     (".5", 0.5), ("1/2", 0.5), ("-1/2", -0.5), ("\\frac{1}{2}", 0.5), ("-\\dfrac{3}{4}", -0.75),
     ("50%", 50.0), ("50\\%", 50.0), ("\uff11\uff14\uff10", 140.0),  # full-width digits
-    ("", None), ("abc", None), ("2 or 3", None), ("1,5", None), ("1/0", None), ("1e5", None),
+    ("", None), ("abc", None), ("2 or 3", None), ("1,5", None), ("1/0", None), ("1e5", 100000.0), ("3e2", 300.0), ("2.5E-1 cm", 0.25),
     ("x = 5", None), ("9" * 400, None), ("1" + " " * 100_000 + "x1", None), (HUGE, None),
 ])
 def test_normalize_number(text, expected):
@@ -180,9 +180,27 @@ CLASSES = ["red", "green", "Sea_Lion", "Café"]
     ("red or green", None), ("red, green", None),  # several classes at once (issue 176)
     ("re", None), ("reddish", None), ("blue", None), (HUGE, None),
 ])
-def test_exact_choice(answer, expected):
-    assert exact_choice(answer, CLASSES) == expected
+def test_the_whole_answer_names_one_choice(answer, expected):
+    assert ChoiceMatcher(CLASSES).whole(answer) == expected
 
 
-def test_exact_choice_ambiguous_class_list():
-    assert exact_choice("sea lion", ["sea lion", "Sea_Lion"]) is None
+@pytest.mark.parametrize("answer,expected", [
+    ("It is a sea-lion.", "Sea_Lion"), ("red.", "red"), ("RED!", "red"), ("ｒｅｄ", "red"), ("（ｒｅｄ）", "red"),
+    ("red or green", None), ("red, green", None), ("reddish", None), ("", None), (HUGE, None),
+])
+def test_a_choice_named_among_other_words(answer, expected):
+    assert ChoiceMatcher(CLASSES).named(answer) == expected
+
+
+def test_hyphens_spaces_underscores_and_width_are_one_key():
+    # One rule for every task: classification and sat/cvbench compare choices alike.
+    assert len({choice_key(s) for s in ("desert-rose", "Desert Rose", "desert_rose", "ＤＥＳＥＲＴ ＲＯＳＥ")}) == 1
+
+
+@pytest.mark.parametrize("choices,message", [
+    (["sea lion", "Sea_Lion"], "the same once case"), (["a-b", "A B"], "the same once case"),
+    (["red", " - "], "empty once spaces"), ([], "empty"),
+])
+def test_choices_the_reward_cannot_tell_apart_are_refused(choices, message):
+    with pytest.raises(ValueError, match=message):
+        ChoiceMatcher(choices)

@@ -3,10 +3,7 @@ reward on golden completions (exploits included), class lists, loaders and the t
 
 import io
 import json
-import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +16,8 @@ from gpg_vl.boxes import PixelBoxes
 from gpg_vl.config import load_config
 from gpg_vl.datafiles import BadRowError
 from gpg_vl.task import ScoreContext, TaskConfig, build_task, get_task_class, task_names
+from gpg_vl.resources import PRESETS
+from gpg_vl.samples import CLASSES as SAMPLE_CLASSES
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["flower102", "pets37", "fgvc_aircraft", "cars196"]
@@ -87,7 +86,7 @@ def test_prompt_uses_the_rows_problem(flowers):
 @pytest.mark.parametrize("name", NAMES)
 def test_sample_rows(name):
     task = make(name)
-    classes = list(get_task_class(name).sample_classes)
+    classes = list(SAMPLE_CLASSES[get_task_class(name)])
     assert task.classes == classes and 6 <= len(classes) <= 10
     train, test = task.rows("train"), task.rows("test")
     assert len(train) == 2 * len(classes) and len(test) == len(classes)
@@ -95,16 +94,6 @@ def test_sample_rows(name):
     assert sorted(r["answer"] for r in test) == sorted(classes)
     assert all(Path(r["image"]).is_file() for r in train + test)
     assert task.rows("train") is train  # cached
-
-
-def test_make_samples_reproduces_the_bundled_files(tmp_path):
-    for name in NAMES:
-        get_task_class(name).make_samples(tmp_path / name)
-        bundled = ROOT / "assets" / "samples" / name
-        made = sorted(p.relative_to(tmp_path / name) for p in (tmp_path / name).rglob("*") if p.is_file())
-        assert made == sorted(p.relative_to(bundled) for p in bundled.rglob("*") if p.is_file())
-        assert all((tmp_path / name / p).read_bytes() == (bundled / p).read_bytes() for p in made)
-    assert sum(p.stat().st_size for p in (ROOT / "assets" / "samples").glob("[fpc]*/**/*") if p.is_file()) < 4 * 300_000
 
 
 def test_sample_images_differ_by_class_and_shot(flowers):
@@ -138,7 +127,7 @@ GOLDEN = [
     (done("pink primrose or sweet pea"), "pink primrose", 0, 1),  # hedging: reference 1
     (done("pink primrose, sweet pea"), "pink primrose", 0, 1),
     (done("not a rose but a pink primrose"), "pink primrose", 0, 1),
-    (done(", ".join(get_task_class("flower102").sample_classes)), "rose", 0, 1),
+    (done(", ".join(SAMPLE_CLASSES[get_task_class("flower102")])), "rose", 0, 1),
     (done("pink primrose, pink primrose"), "pink primrose", 1, 1),  # one class, said twice
     # outside the tags: the reference matched the whole completion then
     ("pink primrose", "pink primrose", 0, 0),
@@ -255,9 +244,9 @@ def test_classes_derived_from_training_answers(tmp_path):
 
 
 @pytest.mark.parametrize("options,error,message", [
-    ({"class_file": "x.txt"}, ValueError, "Did you mean 'classes_file'"),
-    ({"classes": ["a"]}, ValueError, "unknown option 'classes'.*Known options: classes_file"),
-    ({"classes_file": 3}, ValueError, "classes_file must be a path"),
+    ({"class_file": "x.txt"}, ValueError, "did you mean classes_file"),
+    ({"classes": ["a"]}, ValueError, "unknown option 'classes'.*known: classes_file"),
+    ({"classes_file": ["a"]}, ValueError, "classes_file must be a string"),
     ({"classes_file": "/nonexistent/classes.txt"}, FileNotFoundError, "class list not found"),
 ])
 def test_bad_options(options, error, message):
@@ -267,7 +256,7 @@ def test_bad_options(options, error, message):
 
 @pytest.mark.parametrize("content,message", [
     ("Pink Primrose\npink_primrose\n", "'Pink Primrose' and 'pink_primrose' are the same"),
-    ("\n  \n", "the class list is empty"),
+    ("\n  \n", "the list of choices is empty"),
     ("rose\n- _\n", "empty once spaces"),
 ])
 def test_bad_class_lists(tmp_path, content, message):
@@ -351,7 +340,7 @@ def test_image_root_option(tmp_path):
 
 @pytest.mark.parametrize("name,epochs", [("flower102", 8), ("pets37", 24), ("fgvc_aircraft", 8), ("cars196", 8)])
 def test_paper_presets(name, epochs):
-    path = ROOT / "tasks" / "presets" / f"{name}.yaml"
+    path = PRESETS / f"{name}.yaml"
     cfg = load_config(path)
     assert (cfg.model.path, cfg.task.name, cfg.train.epochs) == ("Qwen/Qwen2-VL-2B-Instruct", name, epochs)
     assert cfg.task.data_path.startswith("laolao77/ViRFT_CLS_")
@@ -360,20 +349,3 @@ def test_paper_presets(name, epochs):
     assert (cfg.model.max_pixels, cfg.model.min_pixels, cfg.algorithm.beta_th) == (401408, 3136, 0.4)
     text = path.read_text()
     assert "# launcher: zero3" in text and f"bash scripts/run_task.sh {name}" in text
-
-
-def test_tiny_presets_train(tmp_path):
-    """Each tiny preset trains two steps on CPU; run side by side to keep the test short, one
-    thread each so that the four processes do not fight over the cores."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    runs = {}
-    for name in NAMES:
-        out = tmp_path / name
-        cmd = [sys.executable, "-m", "gpg_vl.cli", "train", "--config", f"tasks/presets/{name}_tiny.yaml",
-               f"train.output_dir={out}", "train.tensorboard=false", "train.plot=false"]
-        runs[name] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, env=env)
-    for name, proc in runs.items():
-        output, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"{name}:\n{output[-3000:]}"
-        assert (tmp_path / name / "metrics.jsonl").read_text().strip(), name

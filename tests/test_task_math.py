@@ -14,6 +14,7 @@ from gpg_vl.boxes import PixelBoxes
 from gpg_vl.datafiles import BadRowError
 from gpg_vl.rewards import last_boxed, symbolic_equal
 from gpg_vl.task import ScoreContext, TaskConfig, build_task, task_names
+from gpg_vl.resources import SAMPLES
 
 ROOT = Path(__file__).resolve().parent.parent
 CTX = ScoreContext(PixelBoxes())
@@ -90,7 +91,7 @@ def test_math_sample_and_prompt():
     task = make("math")
     train, test = task.rows("train"), task.rows("test")
     assert len(train) == len(test) == 10
-    raw = pq.read_table(ROOT / "assets/samples/math/train.parquet").to_pylist()
+    raw = pq.read_table(SAMPLES / "math/train.parquet").to_pylist()
     assert task.prompt(train[0]) == raw[0]["input"]  # SimpleRL-Zoo's prompt, sent as is
     assert raw[0]["input"].endswith("within \\boxed{}.<|im_end|>\n<|im_start|>assistant\n")
     assert [r["answer"] for r in train] == [r["gt_answer"] for r in raw]
@@ -177,7 +178,7 @@ def test_math_rs_sample_and_prompt():
     task = make("math_rs")
     train = task.rows("train")
     assert len(train) == len(task.rows("test")) == 10
-    raw = json.loads((ROOT / "assets/samples/math_rs/train.jsonl").read_text().splitlines()[0])
+    raw = json.loads((SAMPLES / "math_rs/train.jsonl").read_text().splitlines()[0])
     system, user = task.prompt(train[0])
     assert system["role"] == "system" and system["content"].startswith("A conversation between User and Assistant.")
     assert user == {"role": "user", "content": raw["problem"]}
@@ -226,11 +227,3 @@ def test_math_rs_bad_rows(tmp_path):
         make("math_rs", data_path=path).rows("train")
     with pytest.warns(UserWarning, match="skipped 3"):
         assert len(make("math_rs", data_path=path, on_bad_row="skip").rows("train")) == 1
-
-
-# ---------------------------------------------------------------- the tiny presets train end to end
-
-
-@pytest.mark.parametrize("preset", ["math_7b_tiny", "math_1p5b_tiny"])
-def test_tiny_preset_trains(tmp_path, preset, train_preset):
-    assert train_preset(preset, tmp_path / "run")

@@ -104,7 +104,7 @@ def test_classes_colour_has_the_class_hue():
 def test_format_weight_and_options():
     task = make("mini_count", format_weight=0.25)
     assert task.total_reward({"accuracy": 1.0, "format": 1.0}) == 1.25
-    with pytest.raises(ValueError, match="Did you mean 'num_train'"):
+    with pytest.raises(ValueError, match="did you mean num_train"):
         make("mini_count", num_trian=3)
     for bad in ({"num_test": 0}, {"seed": "a"}, {"format_weight": -1}, {"num_train": True}):
         with pytest.raises(ValueError, match=next(iter(bad))):

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from transformers import Qwen2VLProcessor
 
 from gpg_vl.boxes import PixelBoxes
 from gpg_vl.datafiles import BadRowError
-from gpg_vl.models.qwen_vl import load_processor
-from gpg_vl.task import ScoreContext, TaskConfig, build_task, task_names
+from gpg_vl.models import load_adapter
+from gpg_vl.task import IMAGE_MARKER, ScoreContext, TaskConfig, build_task, task_names
 
 REPO = Path(__file__).resolve().parent.parent
 CTX = ScoreContext(PixelBoxes())
@@ -63,16 +62,21 @@ def test_base_prompt_carries_the_image_and_opens_think():
     sat = make()
     row = sat.rows("train")[0]
     prompt = sat.prompt(row)
+    # The task marks the image; it writes no model family's tokens.
     assert prompt == ("A conversation between User and Assistant. The user asks a question about the image, and the "
                       "Assistant solves it. The assistant first thinks about the reasoning process in the mind and "
-                      "then provides the user with the answer.\nUser: <|vision_start|><|image_pad|><|vision_end|>"
+                      f"then provides the user with the answer.\nUser: {IMAGE_MARKER}"
                       f"{row['question']} \nAssistant: Let me solve this step by step.\n<think>")
-    # The processor expands the one pad into the image's tokens: the raw string needs no template.
-    processor = load_processor(str(REPO / "assets/tiny/qwen2_vl"), Qwen2VLProcessor, False)
-    batch = processor(text=[prompt], images=sat.images(row), return_tensors="pt")
-    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    tokens = int((batch["input_ids"] == pad).sum())
-    assert tokens == int(batch["image_grid_thw"].prod()) // processor.image_processor.merge_size ** 2 > 1
+    # Each Qwen-VL adapter expands the marker to its image tokens: the raw string needs no template.
+    for family in ("qwen2_vl", "qwen2_5_vl"):
+        adapter = load_adapter(f"tiny:{family}", max_pixels=12544)
+        assert adapter.render(prompt) == prompt.replace(IMAGE_MARKER, "<|vision_start|><|image_pad|><|vision_end|>")
+        encoded = adapter.encode(prompt, sat.images(row))
+        pad = adapter.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        grid = adapter.processor.image_processor.merge_size ** 2
+        assert int((encoded.input_ids == pad).sum()) == int(encoded.image_grid_thw.prod()) // grid > 1
+    with pytest.raises(ValueError, match="text-only model but the prompt has images"):
+        load_adapter("tiny:qwen2").render(prompt)
 
 
 def test_instruct_prompt():
@@ -150,17 +154,11 @@ def test_gold_scores_one_and_guessing_scores_chance(name):
     assert 0 <= sum(guessed) < len(rows)
 
 
-def test_sat_evaluates_on_cvbench():
-    sat = make(options={"cvbench_path": str(REPO / "assets/samples/cvbench")})
-    assert {r["category"] for r in sat.rows("test")} == {"Count", "Relation", "Depth", "Distance"}
-    assert len(sat.rows("train")) == 11  # training rows stay SAT
-
-
 @pytest.mark.parametrize("name,options,message", [
-    ("sat", {"promt": "base"}, "did you mean 'prompt'"), ("sat", {"prompt": "chat"}, "base or instruct"),
+    ("sat", {"promt": "base"}, "did you mean prompt"), ("sat", {"prompt": "chat"}, "one of base, instruct"),
     ("sat", {"max_train_rows": -1}, "max_train_rows"), ("sat", {"max_train_rows": 1.5}, "max_train_rows"),
-    ("sat", {"seed": True}, "seed"), ("sat", {"cvbench_path": 3}, "cvbench_path"),
-    ("cvbench", {"seed": 1}, "unknown option 'seed'"), ("cvbench", {"prompt": None}, "base or instruct"),
+    ("sat", {"seed": True}, "seed"),
+    ("cvbench", {"seed": 1}, "unknown option 'seed'"), ("cvbench", {"prompt": None}, "one of base, instruct"),
 ])
 def test_bad_options(name, options, message):
     with pytest.raises(ValueError, match=f"(?i){message}"):
@@ -192,7 +190,7 @@ def drop(record: dict, key: str) -> dict:
     ("sat", SAT_GOOD, {**SAT_GOOD, "image_bytes": ["corrupt.png"]}, "unreadable image"),
     ("sat", SAT_GOOD, {**SAT_GOOD, "image_bytes": []}, "non-empty list"),
     ("sat", SAT_GOOD, {**SAT_GOOD, "correct_answer": "up"}, "not one of the answers"),
-    ("sat", SAT_GOOD, {**SAT_GOOD, "answers": ["left", "Left "]}, "ambiguous choices"),
+    ("sat", SAT_GOOD, {**SAT_GOOD, "answers": ["left", "Left "]}, "are the same once case"),
     ("sat", SAT_GOOD, {**SAT_GOOD, "answers": ["left"]}, "2 to 26"),
     ("sat", SAT_GOOD, {**SAT_GOOD, "question": ""}, "empty question"),
     ("cvbench", CV_GOOD, drop(CV_GOOD, "task"), "missing field 'task'"),
@@ -226,15 +224,3 @@ def test_cvbench_without_prompt_field(tmp_path):
     write(tmp_path, "test", [drop(CV_GOOD, "prompt")])
     (row,) = make("cvbench", data_path=str(tmp_path)).rows("test")
     assert row["question"] == CV_GOOD["prompt"] and (row["answer"], row["letter"]) == ("1", "A")
-
-
-def test_tiny_preset_trains(tmp_path, train_preset):
-    records = train_preset("sat_tiny", tmp_path)
-    assert any("eval/accuracy" in r for r in records) and any("reward/format" in r for r in records)
-
-
-@pytest.mark.parametrize("name,files", [("sat", ["train.jsonl", "test.jsonl"]), ("cvbench", ["test.jsonl"])])
-def test_bundled_sample_is_what_make_samples_writes(tmp_path, name, files):
-    type(make(name)).make_samples(tmp_path)
-    for file in files:
-        assert (tmp_path / file).read_text() == (REPO / "assets/samples" / name / file).read_text()

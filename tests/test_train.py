@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gpg_vl.resources import PRESETS
+
 ROOT = Path(__file__).resolve().parent.parent
 COIN = str(ROOT / "tests" / "plugins" / "coin_task.py")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -23,12 +25,12 @@ def train_cmd(out: Path, *overrides: str) -> list[str]:
 
 
 def shapes_args(steps: int) -> list[str]:
-    return ["--config", str(ROOT / "tasks/presets/shapes.yaml"), f"train.max_steps={steps}", "task.eval_size=16",
+    return ["--config", str(PRESETS / "shapes.yaml"), f"train.max_steps={steps}", "task.eval_size=16",
             "train.eval_every=0", "train.prompts_per_device=4", "task.options.num_train=256"]
 
 
 def coin_args(steps: int) -> list[str]:
-    return ["model.path=assets/tiny/qwen2", f"task.name={COIN}", "task.eval_split=", "algorithm.group_size=4",
+    return ["model.path=tiny:qwen2", f"task.name={COIN}", "task.eval_split=", "algorithm.group_size=4",
             "algorithm.beta_th=0.6", "rollout.max_new_tokens=3", "train.prompts_per_device=2", "train.grad_accum=2",
             "train.learning_rate=1e-4", f"train.max_steps={steps}"]
 
@@ -139,7 +141,7 @@ def test_the_bad_rows_skipped_reach_the_metrics(tmp_path):
     from gpg_vl.trainer import Trainer
 
     out = tmp_path / "run"
-    cfg = load_config(None, ["model.path=assets/tiny/qwen2", "task.name=math", f"task.data_path={data}",
+    cfg = load_config(None, ["model.path=tiny:qwen2", "task.name=math", f"task.data_path={data}",
                              "task.on_bad_row=skip", "train.prompts_per_device=2", f"train.output_dir={out}",
                              "train.tensorboard=false"])
     with pytest.warns(UserWarning, match="skipped"):

@@ -1,32 +1,36 @@
 """A complete task plugin outside the package, as a user would write one.
 
-    gpg-vl train --config tasks/presets/shapes.yaml task.name=assets/examples/brightness_task.py
+    gpg-vl train --preset shapes task.name=assets/examples/brightness_task.py
 
 The model sees a grey image and answers whether it is bright or dark. Rows are made from a
-seed here; a real task would read them with gpg_vl.datafiles.load_rows.
+seed here; a task that reads files subclasses gpg_vl.task.FileTask and writes `convert`.
 """
 
 import random
+from dataclasses import dataclass
 
 from PIL import Image
 
 from gpg_vl.task import Task, register_task
 
 
+@dataclass
+class BrightnessOptions:
+    num_rows: int = 256
+    """Rows per split."""
+
+
 @register_task("brightness")
 class BrightnessTask(Task):
-    """Options: num_rows (int, default 256): rows per split."""
+    """Is a grey image bright or dark? The answer is yes or no."""
 
+    Options = BrightnessOptions  # task.options are checked against it: types, defaults, "did you mean"
     reward_components = ("accuracy", "format")
     reward_weights = {"accuracy": 1.0, "format": 0.5}
 
     def rows(self, split):
-        unknown = set(self.config.options) - {"num_rows"}
-        if unknown:
-            raise ValueError(f"brightness: unknown options {sorted(unknown)}; the only option is num_rows")
         rng = random.Random(f"brightness/{split}")
-        levels = [rng.choice([rng.randint(0, 90), rng.randint(165, 255)])
-                  for _ in range(int(self.config.options.get("num_rows", 256)))]
+        levels = [rng.choice([rng.randint(0, 90), rng.randint(165, 255)]) for _ in range(self.options.num_rows)]
         return [{"level": v, "answer": "yes" if v > 127 else "no"} for v in levels]
 
     def prompt(self, row):

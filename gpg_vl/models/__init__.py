@@ -8,6 +8,7 @@ from transformers import AutoConfig
 from gpg_vl.models.base import ModelAdapter
 from gpg_vl.models.qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from gpg_vl.models.text import LlamaAdapter, Qwen2Adapter, Qwen3Adapter
+from gpg_vl.resources import model_location
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     cls.model_type: cls for cls in (Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen2Adapter, Qwen3Adapter, LlamaAdapter)
@@ -29,9 +30,10 @@ def adapter_class(model_type: str) -> type[ModelAdapter]:
 def load_adapter(path: str, *, dtype: str = "float32", max_pixels: int = 401408, min_pixels: int = 3136,
                  attn_implementation: str | None = None, trust_remote_code: bool = False,
                  gradient_checkpointing: bool = False) -> ModelAdapter:
-    """Load the model and processor at `path` (a local folder or a hub name) into the
+    """Load the model and processor at `path` (a local folder, a hub name or tiny:<family>) into the
     adapter of its family. max_pixels / min_pixels bound the area of each image after
     resizing (vision models only)."""
+    path = model_location(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     cls = adapter_class(config.model_type)
     adapter = cls.load(path, dtype=dtype, max_pixels=max_pixels, min_pixels=min_pixels,

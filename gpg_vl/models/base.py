@@ -19,10 +19,27 @@ from transformers.models.auto.tokenization_auto import get_tokenizer_config
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 from gpg_vl.boxes import BoxConvention, Size
-from gpg_vl.task import Prompt
+from gpg_vl.task import IMAGE_MARKER, Prompt
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 END_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+def image_count(prompt: Prompt) -> int:
+    """The images a prompt places: IMAGE_MARKER in a raw prompt, {"type": "image"} parts in a chat."""
+    if isinstance(prompt, str):
+        return prompt.count(IMAGE_MARKER)
+    return sum(1 for message in prompt if not isinstance(message["content"], str)
+               for part in message["content"] if part.get("type") == "image")
+
+
+def check_image_count(prompt: Prompt, n_images: int) -> None:
+    """A prompt must place exactly the row's images (else the model's forward pass fails later,
+    with a message about tokens and features)."""
+    placed = image_count(prompt)
+    if placed != n_images:
+        raise ValueError(f"the prompt places {placed} image(s) but the row has {n_images}: a chat places one "
+                         f"{{\"type\": \"image\"}} part per image, a raw prompt one IMAGE_MARKER {IMAGE_MARKER!r}")
 
 
 def torch_dtype(name: str) -> torch.dtype | str:
@@ -122,11 +139,10 @@ def collate(prompts: list[EncodedPrompt], pad_token_id: int) -> PromptBatch:
 
 
 class ModelAdapter:
-    """Base of the model families. Subclasses set `model_type` and `has_vision`, load
-    themselves in `load`, render prompts in `render` and encode them in `encode`."""
+    """Base of the model families. Subclasses set `model_type`, load themselves in `load`,
+    render prompts in `render` and encode them in `encode`."""
 
     model_type: ClassVar[str] = ""
-    has_vision: ClassVar[bool] = False
 
     def __init__(self, model, processor, tokenizer, box_convention: BoxConvention):
         self.model = model
@@ -166,7 +182,8 @@ class ModelAdapter:
 
     def render(self, prompt: Prompt) -> str:
         """The text the model reads for `prompt`: a chat with the family's template and the
-        generation prompt (image placeholders before the processor expands them); a str as it is."""
+        generation prompt; a raw string as it is, each IMAGE_MARKER replaced by the family's
+        image placeholder (image placeholders are not yet expanded to one token per visual token)."""
         raise NotImplementedError
 
     def encode(self, prompt: Prompt, images: list[Image.Image]) -> EncodedPrompt:

@@ -18,13 +18,16 @@ from transformers import (
 from transformers.image_utils import SizeDict
 
 from gpg_vl.boxes import BoxConvention, NormalizedBoxes, ResizedPixelBoxes, Size, smart_resize
-from gpg_vl.models.base import EncodedPrompt, ModelAdapter, load_tokenizer, torch_dtype
-from gpg_vl.task import Prompt
+from gpg_vl.models.base import EncodedPrompt, ModelAdapter, check_image_count, load_tokenizer, torch_dtype
+from gpg_vl.task import IMAGE_MARKER, Prompt
 
 # Tokens that only the processor may place: a sampled image pad makes the next forward
 # fail ("Image features and image tokens do not match").
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 VISION_ID_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+# What the Qwen-VL chat templates write for an image; the processor expands the pad to one
+# token per visual token. A raw prompt's IMAGE_MARKER becomes this.
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 def _image_only(processor_cls: type) -> type:
@@ -63,7 +66,6 @@ def set_pixel_limits(image_processor, min_pixels: int, max_pixels: int) -> None:
 class QwenVLAdapter(ModelAdapter):
     """Shared code of the Qwen vision-language families."""
 
-    has_vision: ClassVar[bool] = True
     model_cls: ClassVar[type]
     processor_cls: ClassVar[type]
 
@@ -96,10 +98,12 @@ class QwenVLAdapter(ModelAdapter):
 
     def render(self, prompt: Prompt) -> str:
         if isinstance(prompt, str):
-            return prompt
+            return prompt.replace(IMAGE_MARKER, IMAGE_PLACEHOLDER)
         return self.processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
     def encode_batch(self, prompts: list[Prompt], images: list[list[Image.Image]]) -> list[EncodedPrompt]:
+        for prompt, row_images in zip(prompts, images):
+            check_image_count(prompt, len(row_images))
         # One processor call for the batch (much cheaper than one per prompt), split back into prompts.
         texts = [self.render(p) for p in prompts]
         flat = [image for row in images for image in row]

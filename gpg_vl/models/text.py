@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from gpg_vl.boxes import PixelBoxes, Size
 from gpg_vl.models.base import EncodedPrompt, ModelAdapter, load_tokenizer, torch_dtype
-from gpg_vl.task import Prompt
+from gpg_vl.task import IMAGE_MARKER, Prompt
 
 
 def _text_only(prompt: list[dict]) -> list[dict]:
@@ -28,8 +28,6 @@ def _text_only(prompt: list[dict]) -> list[dict]:
 
 
 class TextAdapter(ModelAdapter):
-    has_vision: ClassVar[bool] = False
-
     @classmethod
     def load(cls, path: str, *, dtype: str, max_pixels: int, min_pixels: int, attn_implementation: str | None,
              trust_remote_code: bool) -> "TextAdapter":
@@ -40,6 +38,8 @@ class TextAdapter(ModelAdapter):
 
     def render(self, prompt: Prompt) -> str:
         if isinstance(prompt, str):
+            if IMAGE_MARKER in prompt:
+                raise ValueError(f"{self.model_type} is a text-only model but the prompt has images")
             return prompt
         return self.tokenizer.apply_chat_template(_text_only(prompt), tokenize=False, add_generation_prompt=True)
 

@@ -6,7 +6,7 @@ the tokenizer is a small byte-level BPE trained here on a built-in corpus, so ev
 word of the built-in tasks is a single token (a random-init policy learns a one-token
 answer in seconds, a multi-token one hardly at all).
 
-    python -m gpg_vl.models.tiny --out assets/tiny
+    python -m gpg_vl.models.tiny --out gpg_vl/assets/tiny
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from gpg_vl.resources import TINY_MODELS
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>")
@@ -163,7 +165,7 @@ def build_tiny_models(out_dir: Path, seed: int = 0) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("assets/tiny"), help="folder to write the models into")
+    parser.add_argument("--out", type=Path, default=TINY_MODELS, help="folder to write the models into")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and corpus")
     args = parser.parse_args(argv)
     for name, folder in build_tiny_models(args.out, args.seed).items():

@@ -5,15 +5,24 @@ others score the parity of the completion's length, so their groups are almost a
 valid. The share of fixed rows sets how often a round falls below beta_th.
 """
 
+from dataclasses import dataclass
+
 from gpg_vl.task import Task, register_task
+
+
+@dataclass
+class CoinOptions:
+    fixed_share: float = 0.7
+    """Share of the rows whose groups are all-equal."""
 
 
 @register_task("coin")
 class CoinTask(Task):
+    Options = CoinOptions
     reward_components = ("accuracy",)
 
     def rows(self, split):
-        share = float(self.config.options.get("fixed_share", 0.7))
+        share = self.options.fixed_share
         n = 64
         return [{"id": i, "fixed": (i * 7919 % 100) < share * 100} for i in range(n)]
 
