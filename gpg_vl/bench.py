@@ -96,9 +96,8 @@ def model_config(shape: Shape, tok):
 
     from gpg_vl.models import tiny
 
-    half = shape.hidden // shape.heads // 2  # rotary pairs of a head, split over (t, h, w) as Qwen2-VL splits them
-    section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
     vocab = max(PADDED_VOCAB, len(tok)) if shape.tokenizer == "qwen" else len(tok)
+    section = tiny.mrope_section(shape.hidden // shape.heads)
     text = dict(tiny.text_kwargs(tok), vocab_size=vocab, hidden_size=shape.hidden, intermediate_size=4 * shape.hidden,
                 num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
                 num_key_value_heads=max(1, shape.heads // 2),
