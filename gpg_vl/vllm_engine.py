@@ -165,13 +165,13 @@ def engine_args(model: ModelConfig, rollout: RolloutConfig, *, on_gpu: bool, vis
     """Keyword arguments of the colocated vllm.LLM (a pure function, so that the GPU branch is
     checked on a CPU too)."""
     dtype = rollout.vllm_dtype if rollout.vllm_dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-    args = dict(model=model.path, dtype=dtype, seed=seed, trust_remote_code=model.trust_remote_code,
-                tensor_parallel_size=rollout.vllm_tensor_parallel_size, logprobs_mode="raw_logprobs",
-                # Sampling exactly as asked: a checkpoint's generation_config (Qwen's instruct
-                # checkpoints ship a repetition penalty) is never applied.
-                generation_config="vllm",
-                # On a CPU, graph compilation would cost minutes and gain nothing measurable.
-                enforce_eager=not on_gpu)
+    args = {"model": model.path, "dtype": dtype, "seed": seed, "trust_remote_code": model.trust_remote_code,
+            "tensor_parallel_size": rollout.vllm_tensor_parallel_size, "logprobs_mode": "raw_logprobs",
+            # Sampling exactly as asked: a checkpoint's generation_config (Qwen's instruct
+            # checkpoints ship a repetition penalty) is never applied.
+            "generation_config": "vllm",
+            # On a CPU, graph compilation would cost minutes and gain nothing measurable.
+            "enforce_eager": not on_gpu}
     if rollout.max_prompt_tokens:
         args["max_model_len"] = rollout.max_prompt_tokens + rollout.max_new_tokens
     kv_gib = rollout.vllm_kv_cache_gb or (0.0 if on_gpu else CPU_KV_CACHE_GIB)
@@ -363,7 +363,7 @@ class VLLMEngine:
         process; under ZeRO-3 the caller gathers them first."""
         if self.asleep:
             self.llm.wake_up(tags=["weights"])  # the weights first: the KV cache is not needed while loading
-        self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=weights, is_checkpoint_format=True))
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
