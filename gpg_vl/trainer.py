@@ -30,7 +30,7 @@ from gpg_vl.metrics import PLOT_FILE, MetricsLogger, format_line, plot_curves, t
 from gpg_vl.models.base import collate
 from gpg_vl.models.policy import PolicyLogprobs
 from gpg_vl.records import Group, GroupStats, StepBatch, TrainState, pad_stack, split_groups
-from gpg_vl.rollout import HFEngine, SamplingSettings, encode_rows, rollout, score
+from gpg_vl.rollout import SamplingSettings, encode_rows, rollout, score
 from gpg_vl.schedule import Budget, Counters, eval_due, lr_factor
 from gpg_vl.scoring import start_reward_workers
 from gpg_vl.task import ScoreContext, Task, build_task
@@ -96,11 +96,13 @@ class Trainer:
         build.tell_deepspeed(acc, t, self.G)
         policy = PolicyLogprobs(self.adapter.model)
         self.model, self.optimizer = acc.prepare(policy, build.make_optimizer(policy, t))
-        self.engine = HFEngine(self.adapter)
+        self.engine = build.make_engine(cfg, self.adapter, self.task, self.train_rows + self.eval_rows, acc)
         self.phases = PhaseTimer(acc.device)
         self.state = TrainState()
         acc.register_for_checkpointing(self.stream, self.state)
         self._restore_and_open_logs(build.resume_point(acc, t))
+        self.push_weights()
+        self.phases.take()  # the first push (the weights resumed from, if any) belongs to no step
 
     def _load_rows(self) -> None:
         """Training and held-out rows; prompts over rollout.max_prompt_tokens are skipped, counted."""
@@ -207,6 +209,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
+        self.engine.sleep()
         losses, stats, grad_norm = [], [], float("nan")
         for update, i in itertools.product(range(self.cfg.algorithm.updates_per_batch),
                                            range(0, len(batch.groups), t.prompts_per_device)):
@@ -223,6 +226,7 @@ class Trainer:
                         grad_norm = self._clip()
                     self.optimizer.step()
                     self.optimizer.zero_grad()
+        self.push_weights()
         loss = acc.reduce(torch.stack(losses).mean(), reduction="mean")
         self._log_rank(batch, inv_alpha)
         m = {"loss": float(loss), "grad_norm": grad_norm, "inverse_alpha": inv_alpha,
@@ -231,6 +235,13 @@ class Trainer:
             kl, clipped = acc.reduce(torch.stack(stats).mean(0), reduction="mean").tolist()
             m.update({"kl": kl, "clip_fraction": clipped})
         return m
+
+    def push_weights(self) -> None:
+        """A vLLM engine samples from a copy of the weights: after every optimizer step, and at
+        start (the weights resumed from), it gets the trainer's (ZeRO-3: gathered first)."""
+        if self.engine.holds_weights:
+            with self.phases("weight_sync"), generation_context(self.accelerator, self.model):
+                self.engine.load_weights(self.adapter.model.state_dict().items())
 
     def _log_rank(self, batch: StepBatch, inv_alpha: float) -> None:
         """One line per step and rank: how the valid groups fell across ranks (the reference's

@@ -1,5 +1,6 @@
 """gpg-vl bench: the real Qwen2 vocabulary rebuilt offline, the real-shape model, and one
-small run of every arm (gpg-vl with its floor, TRL, another checkout) in subprocesses."""
+small run of every arm (gpg-vl with its floor, gpg-vl with vLLM, TRL, another checkout) in
+subprocesses."""
 
 import json
 import os
@@ -56,18 +57,20 @@ def test_the_reward_depends_on_the_text_alone():
 
 
 def test_every_arm_runs_and_the_table_has_their_ratios(tmp_path):
-    """One timed step of each arm at a toy shape (the tiny tokenizer keeps it fast)."""
+    """One timed step of each arm at a toy shape (the tiny tokenizer keeps it fast; two heads of
+    32, the narrowest vLLM's CPU attention runs)."""
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "gpg_vl.cli", "bench", "--tokenizer", str(TINY_MODELS / "qwen2_vl"),
-           "--hidden", "64", "--layers", "1", "--vision-depth", "1", "--image-size", "56", "--new-tokens", "4",
-           "--group-size", "4", "--steps", "1", "--warmup", "0", "--repeats", "1", "--threads", "1", "--vs-trl",
-           "--baseline-src", str(ROOT), "--out", str(out)]
+           "--hidden", "64", "--heads", "2", "--layers", "1", "--vision-depth", "1", "--image-size", "56",
+           "--new-tokens", "4", "--group-size", "4", "--steps", "1", "--warmup", "0", "--repeats", "1", "--threads", "1",
+           "--vs-trl", "--vs-vllm", "--baseline-src", str(ROOT), "--out", str(out)]
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     table = done.stdout
-    for line in ("| gpg-vl |", "| trl |", "| baseline |", "gpg-vl step / floor:", "gpg-vl / trl: step time",
-                 "gpg-vl / baseline: step time", "floor (median s): generate"):
+    for line in ("| gpg-vl |", "| gpg-vl-vllm |", "| trl |", "| baseline |", "gpg-vl step / floor:",
+                 "gpg-vl / trl: step time", "gpg-vl / baseline: step time", "floor (median s): generate",
+                 "gpg-vl-vllm phases (median s): encode", "generate, HF engine / vLLM engine:"):
         assert line in table, line
     saved = json.loads((out / "bench.json").read_text())
     ours = saved["results"]["gpg-vl"][0]
@@ -75,3 +78,5 @@ def test_every_arm_runs_and_the_table_has_their_ratios(tmp_path):
     assert {"encode", "generate", "score", "forward", "backward", "optimizer"} <= set(ours["phases"])
     assert set(ours["floor"]) == {"generate", "forward", "backward", "optimizer", "total"}
     assert len(saved["results"]["trl"][0]["step_time"]) == 1
+    with_vllm = saved["results"]["gpg-vl-vllm"][0]
+    assert len(with_vllm["step_time"]) == 1 and {"generate", "weight_sync"} <= set(with_vllm["phases"])

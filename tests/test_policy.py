@@ -88,7 +88,7 @@ def test_once_per_group_equals_the_plain_forward(adapters, family, checkpointing
     adapter = adapters[family]
     model = copy.deepcopy(adapter.model).train()
     if checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     prompts = encoded_prompts(adapter)
     ids, mask = completions(len(prompts) * G, 7)
     got = PolicyLogprobs(model)(collate(prompts, adapter.pad_token_id), ids, mask, G, chunk_size=3)
@@ -179,7 +179,7 @@ def test_chunked_head_holds_one_chunk_of_logits():
 
 def test_bfloat16_weights_give_float32_logprobs_and_gradients():
     adapter = load_adapter(str(TINY_MODELS / "qwen2_vl"), dtype="bfloat16", max_pixels=12544, gradient_checkpointing=True)
-    assert adapter.model.dtype == torch.bfloat16 and adapter.model.is_activation_checkpointing
+    assert adapter.model.dtype == torch.bfloat16 and adapter.model.is_gradient_checkpointing
     adapter.model.train()
     prompts = encoded_prompts(adapter)
     ids, mask = completions(len(prompts) * G, 3)

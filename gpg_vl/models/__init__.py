@@ -40,7 +40,7 @@ def load_adapter(path: str, *, dtype: str = "float32", max_pixels: int = 401408,
                        attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     if gradient_checkpointing:
         # Non-reentrant: works when some inputs (pixel values, frozen parts) need no grad.
-        adapter.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        adapter.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return adapter
 
 

@@ -30,7 +30,7 @@ VISION_ID_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id",
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
-def _image_only(processor_cls: type) -> type:
+def image_only(processor_cls: type) -> type:
     """`processor_cls` without its video processor. The processor's sub-processors are the
     parameters of its __init__, so dropping the parameter drops the video processor."""
 
@@ -52,7 +52,7 @@ def load_processor(path: str, processor_cls: type, trust_remote_code: bool):
             raise
     tokenizer = load_tokenizer(path, trust_remote_code)
     image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return _image_only(processor_cls)(image_processor, tokenizer, chat_template=tokenizer.chat_template)
+    return image_only(processor_cls)(image_processor, tokenizer, chat_template=tokenizer.chat_template)
 
 
 def set_pixel_limits(image_processor, min_pixels: int, max_pixels: int) -> None:
@@ -90,6 +90,17 @@ class QwenVLAdapter(ModelAdapter):
         video = getattr(self.processor, "video_processor", None)
         if video is not None:
             video.save_pretrained(path)
+
+    @property
+    def image_token_id(self) -> int:
+        """The placeholder token the processor expands to one token per visual token."""
+        return int(self.model.config.image_token_id)
+
+    def image_embeddings(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """What the language model reads in place of each image's placeholder tokens:
+        [visual tokens of the image, hidden] per image, from the vision tower and merger."""
+        out = self.model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+        return list(out.pooler_output)
 
     def _suppressed_token_ids(self) -> list[int]:
         ids = {self._known_id(t) for t in VISION_TOKENS}

@@ -7,6 +7,7 @@ word of the built-in tasks is a single token (a random-init policy learns a one-
 answer in seconds, a multi-token one hardly at all).
 
     python -m gpg_vl.models.tiny --out gpg_vl/assets/tiny
+    gpg-vl build-tiny --out runs/tiny-vllm --head-dim 32     (the same models, vLLM-capable)
 """
 
 from __future__ import annotations
@@ -60,9 +61,19 @@ answer with one digit word its box as think reasoning output final number questi
 system please identify this that containing""".split())
 BPE_VOCAB = 440  # 256 bytes, specials and the merges of the words above; the tag tokens come on top
 MIN_PIXELS, MAX_PIXELS = 3136, 12544  # 4 to 16 image tokens: fast on a CPU
-HIDDEN, LAYERS, HEADS, KV_HEADS = 64, 2, 4, 2
+HIDDEN, LAYERS = 64, 2
+HEAD_DIM = 16  # the bundled models: 4 heads of 16
+VLLM_HEAD_DIM = 32  # the smallest head vLLM's CPU attention runs: 2 heads of 32
 ROPE = {"rope_type": "default", "rope_theta": 10000.0}
-MROPE_SECTION = [2, 3, 3]  # temporal, height, width: sums to head_dim / 2 = 64 / 4 / 2
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """Rotary pairs of a head split over (temporal, height, width) in Qwen2-VL's proportions
+    (16, 24, 24 of 64): sums to head_dim / 2, as the multimodal rotary embedding requires."""
+    half = head_dim // 2
+    temporal = half // 4
+    height = (half - temporal) // 2
+    return [temporal, height, half - temporal - height]
 
 
 def corpus(seed: int = 0) -> list[str]:
@@ -102,9 +113,10 @@ def build_tokenizer(seed: int = 0) -> PreTrainedTokenizerFast:
     return tok
 
 
-def text_kwargs(tok: PreTrainedTokenizerFast) -> dict:
+def text_kwargs(tok: PreTrainedTokenizerFast, head_dim: int = HEAD_DIM) -> dict:
+    heads = HIDDEN // head_dim
     return dict(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
-                num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                num_hidden_layers=LAYERS, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
                 max_position_embeddings=4096, bos_token_id=None,
                 eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
 
@@ -115,14 +127,14 @@ def vision_token_ids(tok: PreTrainedTokenizerFast) -> dict:
                 vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
 
 
-def qwen2_vl_config(tok: PreTrainedTokenizerFast) -> Qwen2VLConfig:
-    text = dict(text_kwargs(tok), rope_parameters=dict(ROPE, mrope_section=MROPE_SECTION))
+def qwen2_vl_config(tok: PreTrainedTokenizerFast, head_dim: int = HEAD_DIM) -> Qwen2VLConfig:
+    text = dict(text_kwargs(tok, head_dim), rope_parameters=dict(ROPE, mrope_section=mrope_section(head_dim)))
     vision = dict(depth=2, embed_dim=32, hidden_size=HIDDEN, num_heads=4, mlp_ratio=2)
     return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **vision_token_ids(tok))
 
 
-def qwen2_5_vl_config(tok: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
-    text = dict(text_kwargs(tok), rope_parameters=dict(ROPE, mrope_section=MROPE_SECTION))
+def qwen2_5_vl_config(tok: PreTrainedTokenizerFast, head_dim: int = HEAD_DIM) -> Qwen2_5_VLConfig:
+    text = dict(text_kwargs(tok, head_dim), rope_parameters=dict(ROPE, mrope_section=mrope_section(head_dim)))
     # Window attention in layer 0, full attention in layer 1, as in the real model's mix.
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=HIDDEN, num_heads=4,
                   window_size=56, fullatt_block_indexes=[1], tokens_per_second=2)
@@ -130,8 +142,8 @@ def qwen2_5_vl_config(tok: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
                             **vision_token_ids(tok))
 
 
-def qwen2_config(tok: PreTrainedTokenizerFast) -> Qwen2Config:
-    return Qwen2Config(**text_kwargs(tok), rope_parameters=dict(ROPE), tie_word_embeddings=True)
+def qwen2_config(tok: PreTrainedTokenizerFast, head_dim: int = HEAD_DIM) -> Qwen2Config:
+    return Qwen2Config(**text_kwargs(tok, head_dim), rope_parameters=dict(ROPE), tie_word_embeddings=True)
 
 
 FAMILIES = {
@@ -141,8 +153,12 @@ FAMILIES = {
 }
 
 
-def build_tiny_models(out_dir: Path, seed: int = 0) -> dict[str, Path]:
-    """Write the three tiny models under `out_dir`; the same seed gives identical files."""
+def build_tiny_models(out_dir: Path, seed: int = 0, head_dim: int = HEAD_DIM) -> dict[str, Path]:
+    """Write the three tiny models under `out_dir`; the same seed gives identical files.
+    head_dim: width of the language model's attention heads (HIDDEN / head_dim heads); the
+    bundled models have 16, rollout.engine=vllm on a CPU needs at least VLLM_HEAD_DIM."""
+    if head_dim < 2 or HIDDEN % head_dim or head_dim % 2:
+        raise ValueError(f"head_dim must be an even divisor of the hidden size {HIDDEN}, got {head_dim}")
     out_dir = Path(out_dir)
     tok = build_tokenizer(seed)
     eos = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
@@ -150,7 +166,7 @@ def build_tiny_models(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     for name, (make_config, model_cls) in FAMILIES.items():
         folder = out_dir / name
         torch.manual_seed(seed)
-        model = model_cls(make_config(tok)).eval()
+        model = model_cls(make_config(tok, head_dim)).eval()
         model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id)
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
@@ -163,12 +179,17 @@ def build_tiny_models(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     return written
 
 
+HEAD_DIM_HELP = (f"attention head width: {HEAD_DIM} (the bundled models, default) or {VLLM_HEAD_DIM} "
+                 f"(vLLM-capable: its CPU attention takes no narrower head)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=TINY_MODELS, help="folder to write the models into")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and corpus")
+    parser.add_argument("--head-dim", type=int, default=HEAD_DIM, help=HEAD_DIM_HELP)
     args = parser.parse_args(argv)
-    for name, folder in build_tiny_models(args.out, args.seed).items():
+    for name, folder in build_tiny_models(args.out, args.seed, args.head_dim).items():
         print(f"{name}: {folder}")
 
 
