@@ -215,6 +215,11 @@ def _scale_logits(model: torch.nn.Module, scale: float) -> int:
 # ---------------------------------------------------------------- requests and results
 
 
+def reads_images(adapter) -> bool:
+    """Whether the adapter's model has a vision tower (its config has a vision part)."""
+    return getattr(adapter.model.config, "vision_config", None) is not None
+
+
 def single_placeholders(input_ids: Tensor, image_token_id: int) -> list[int]:
     """Prompt ids with each image's run of placeholder tokens cut to one: [P] -> list."""
     ids = input_ids.tolist()
@@ -258,7 +263,7 @@ class VLLMEngine:
         if world_size % tp:
             raise ConfigError(f"rollout.vllm_tensor_parallel_size={tp} must divide the {world_size} training processes")
         self.adapter, self.vllm = adapter, vllm
-        self.vision = adapter.has_vision
+        self.vision = reads_images(adapter)
         self.banned = {t: float("-inf") for t in adapter.suppressed_token_ids} or None
         # Processes of one tensor-parallel group must submit the same requests: they share them.
         self.group = self._tp_group(rank, world_size, tp) if tp > 1 else None

@@ -33,6 +33,7 @@ from gpg_vl.vllm_engine import (
     check_runnable,
     engine_args,
     import_vllm,
+    reads_images,
     single_placeholders,
     to_generated,
 )
@@ -94,7 +95,7 @@ def engines(vllm_tiny):
 def prompts_of(adapter, long: bool = False):
     """Two prompts (images of two sizes), for vision families a third with two images; with
     `long`, one longer than a 128-token KV block, whose cached blocks a stale prefix cache reuses."""
-    n = 1 if adapter.has_vision else 0
+    n = 1 if reads_images(adapter) else 0
     texts = ["What colour is it?", "How many shapes are in the image? Answer with one digit."]
     if long:
         texts.append(" ".join(["Describe the shapes in the image, their colour and where each one is."] * 12))
