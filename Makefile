@@ -8,10 +8,11 @@ PY := $(VENV)/bin/python
 setup: $(VENV)/.installed
 
 # torch 2.13.0 first: it is the CPU build on this kind of machine; constraints.txt pins the rest.
+# DeepSpeed installs as pure Python (its ops compile on first use), so the ZeRO tests run here too.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,hub,eval,bench]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,hub,eval,bench,deepspeed]"
 	touch $@
 
 demo: setup
