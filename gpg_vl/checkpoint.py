@@ -15,6 +15,8 @@ import re
 import shutil
 from pathlib import Path
 
+from gpg_vl.distributed import hf_state_dict
+
 DONE_MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
@@ -61,8 +63,7 @@ def save_checkpoint(accelerator, model, adapter, output_dir: str | Path, step: i
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    # The trained module wraps the Hugging Face model (gpg_vl.models.policy): its keys start "model.".
-    state_dict = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(model).items()}
+    state_dict = hf_state_dict(accelerator, model)  # gathered under ZeRO-3 (a collective), else None
     if accelerator.is_main_process:
         adapter.model.save_pretrained(tmp / "hf", state_dict=state_dict, safe_serialization=True)
         adapter.save_processor(tmp / "hf")

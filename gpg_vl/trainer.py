@@ -25,6 +25,7 @@ from gpg_vl import build
 from gpg_vl.checkpoint import save_checkpoint
 from gpg_vl.config import Config, to_dict
 from gpg_vl.data import PromptStream
+from gpg_vl.distributed import generation_context
 from gpg_vl.metrics import PLOT_FILE, MetricsLogger, format_line, plot_curves, truncate_after
 from gpg_vl.models.base import collate
 from gpg_vl.models.policy import PolicyLogprobs
@@ -87,10 +88,10 @@ class Trainer:
                                    acc.process_index, acc.num_processes)
         self.budget = Budget.choose(t.max_steps, t.max_samples, t.epochs, self.stream.batches_per_epoch)
 
-        self.ref_model = build.load_reference(cfg, acc, dtype)
-        build.tell_deepspeed(acc, t, self.G)
+        build.tell_deepspeed(acc, t, self.G, self.adapter.model.config)
         policy = PolicyLogprobs(self.adapter.model)
         self.model, self.optimizer = acc.prepare(policy, build.make_optimizer(policy, t))
+        self.ref_model = build.load_reference(cfg, acc, dtype)  # after prepare: ZeRO-3 shards it likewise
         self.engine = HFEngine(self.adapter)
         self.phases = PhaseTimer(acc.device)
         self.state = TrainState()
@@ -365,16 +366,6 @@ class Trainer:
         if acc.is_main_process and t.plot:
             plot_curves(self.logger.path, Path(t.output_dir) / PLOT_FILE)
         return last_eval
-
-
-def generation_context(accelerator, model):
-    """Under ZeRO-3 gather the sharded weights once for the whole generation call."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and plugin.zero_stage == 3:
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(model.parameters()))
-    return contextlib.nullcontext()
 
 
 def train(cfg: Config) -> dict[str, float]:

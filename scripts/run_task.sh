@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
 # Launch a training run from a task's preset.
 #
-#   bash scripts/run_task.sh TASK [--preset NAME] [--nproc N] [section.option=value ...]
+#   bash scripts/run_task.sh TASK [--preset NAME] [--launcher NAME] [--nproc N] [section.option=value ...]
 #
 # The preset is tasks/presets/TASK.yaml, or tasks/presets/TASK_NAME.yaml with --preset NAME.
-# A preset line "# launcher: zero2|zero3|ddp" picks scripts/accelerate/<launcher>.yaml on GPUs.
-# On GPUs: accelerate launch over all visible GPUs (or --nproc N).
-# Without GPUs: one process, or N CPU processes (gloo) through torchrun with --nproc N.
+# The launcher is scripts/accelerate/<NAME>.yaml: ddp, zero2, zero3 or zero3_offload; by default
+# the one the preset names in a line "# launcher: NAME" (ddp if none).
+# --nproc N: processes on this machine (default: every visible GPU; without GPUs, 1).
+# On GPUs: accelerate launch with the launcher's config. Without GPUs: ddp runs one plain process,
+# or torchrun (gloo); the DeepSpeed launchers run accelerate launch on DeepSpeed's CPU accelerator.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 [ $# -ge 1 ] || usage
 task=$1; shift
-preset=""; nproc=""
+preset=""; launcher=""; nproc=""
 overrides=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) preset=$2; shift 2 ;;
+    --launcher) launcher=$2; shift 2 ;;
     --nproc) nproc=$2; shift 2 ;;
     -h|--help) usage ;;
     *) overrides+=("$1"); shift ;;
@@ -30,16 +33,25 @@ if [ ! -f "$config" ]; then
   ls tasks/presets | grep -E "^${task}(_.*)?\.yaml$" >&2 || echo "  (none: see tasks/presets/)" >&2
   exit 2
 fi
+launcher=${launcher:-$(sed -n 's/^# launcher: *\([a-z0-9_]*\).*/\1/p' "$config" | head -n 1)}
+launcher=${launcher:-ddp}
+if [ ! -f "scripts/accelerate/$launcher.yaml" ]; then
+  echo "no launcher scripts/accelerate/$launcher.yaml; launchers: $(cd scripts/accelerate && ls *.yaml | sed 's/\.yaml//' | tr '\n' ' ')" >&2
+  exit 2
+fi
+train=(-m gpg_vl.cli train --config "$config" ${overrides[@]+"${overrides[@]}"})
+
+accelerate_launch() {  # $1: processes
+  exec accelerate launch --config_file "scripts/accelerate/$launcher.yaml" --num_processes "$1" "${train[@]}"
+}
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  launcher=$(sed -n 's/^# launcher: *\([a-z0-9]*\).*/\1/p' "$config" | head -n 1)
-  gpus=${nproc:-$(nvidia-smi -L | wc -l)}
-  exec accelerate launch --config_file "scripts/accelerate/${launcher:-ddp}.yaml" --num_processes "$gpus" \
-    -m gpg_vl.cli train --config "$config" ${overrides[@]+"${overrides[@]}"}
+  accelerate_launch "${nproc:-$(nvidia-smi -L | wc -l)}"
+elif [ "$launcher" != ddp ]; then
+  accelerate_launch "${nproc:-1}"
 elif [ "${nproc:-1}" -gt 1 ]; then
   # Real multi-process data parallel on CPU (an accelerate MULTI_CPU config runs one process).
-  ACCELERATE_USE_CPU=1 exec torchrun --standalone --nproc_per_node "$nproc" \
-    -m gpg_vl.cli train --config "$config" ${overrides[@]+"${overrides[@]}"}
+  ACCELERATE_USE_CPU=1 exec torchrun --standalone --nproc_per_node "$nproc" "${train[@]}"
 else
-  exec python -m gpg_vl.cli train --config "$config" ${overrides[@]+"${overrides[@]}"}
+  exec python "${train[@]}"
 fi
