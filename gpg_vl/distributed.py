@@ -4,6 +4,8 @@
 - DeepSpeed ZeRO-3: bucket sizes that really shard the model, generation with the weights
   gathered once per call, a frozen reference model sharded like the policy, the full
   weights for the hf/ folder.
+
+The rank balancing of the groups of a step is in gpg_vl.balance.
 """
 
 from __future__ import annotations

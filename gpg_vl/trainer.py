@@ -2,8 +2,8 @@
 
 One optimizer step:
     draw prompts -> encode each once -> generate G per prompt -> score -> count valid groups
-    over all ranks -> [resample while the trainable valid fraction is under beta_th] ->
-    assemble the batch (valid groups first, invalid filler) -> alpha from what is trained ->
+    over all ranks -> [resample while the trainable valid fraction is under beta_th] -> balance
+    the batch across ranks (whole groups, valid first, invalid filler) -> alpha from what is trained ->
     micro-batches of log-probs (each prompt once per group) and loss -> backward, clip, step
     -> metrics, evaluation, checkpoint.
 """
@@ -22,6 +22,7 @@ from torch import Tensor
 
 from gpg_vl import algorithm as alg
 from gpg_vl import build
+from gpg_vl.balance import balance_groups, join_buffer
 from gpg_vl.checkpoint import save_checkpoint
 from gpg_vl.config import Config, to_dict
 from gpg_vl.data import PromptStream
@@ -36,8 +37,8 @@ from gpg_vl.task import ScoreContext, Task, build_task
 
 
 class PhaseTimer:
-    """Seconds spent in each phase of a step (encode, generate, score, forward, backward,
-    optimizer). On a GPU the device is synchronised at each boundary, so that a phase is
+    """Seconds spent in each phase of a step (encode, generate, score, balance, forward,
+    backward, optimizer). On a GPU the device is synchronised at each boundary, so that a phase is
     charged for its own kernels."""
 
     def __init__(self, device: torch.device):
@@ -150,37 +151,40 @@ class Trainer:
         return groups, failures, tokens
 
     def collect(self) -> StepBatch:
-        """Generate rounds until the trainable valid groups reach beta_th * B over all ranks.
-
-        Every rank runs the same number of rounds: the decision uses the global count.
-        The count is of what can really be trained: a rank keeps at most its share.
+        """Generate rounds until the valid groups reach beta_th * B over all ranks, then balance
+        them across ranks (gpg_vl.balance). Every rank runs the same number of rounds: the
+        decision uses the global count of what can be trained (at most B valid groups are kept).
         """
-        world = self.accelerator.num_processes
-        need = self.beta_th * self.local_groups * world
+        acc = self.accelerator
+        world, capacity = acc.num_processes, self.local_groups * acc.num_processes  # B
+        need = self.beta_th * capacity
         buffer: list[Group] = []
         filler: list[Group] = []
         generated: list[GroupStats] = []
-        tokens = failures = rounds = 0
+        tokens = failures = rounds = buffered = 0
         exhausted = False
         while True:
             groups, f, n_tok = self._generate_round()
             rounds += 1
             generated += [g.stats() for g in groups]
             failures, tokens = failures + f, tokens + n_tok
-            # Only a rank's first local_groups valid groups, and the last round's invalid ones
-            # as filler, can be trained: the others, pixel values and all, are dropped now.
-            buffer = (buffer + [g for g in groups if g.valid])[:self.local_groups]
+            # Valid groups beyond B over all ranks, and invalid ones but the last round's (the
+            # filler), can never be trained: they are dropped now, pixel values and all.
+            valid = [g for g in groups if g.valid]
+            take, buffered = join_buffer(acc, len(valid), buffered, capacity)
+            buffer += valid[:take]
             filler = [g for g in groups if not g.valid]
-            if self._global_sum(len(buffer)) >= need:
+            if buffered >= need:
                 break
             pending = len(generated) * self.G * world
             if rounds >= self.cfg.algorithm.max_resample_rounds or not self.budget.may_generate(self.counters(),
                                                                                                  pending):
                 exhausted = True  # train on what there is; the metrics say so
                 break
-        chosen = (buffer + filler)[:self.local_groups]
+        chosen = balance_groups(acc, buffer, filler, self.local_groups)
         # Every rank generated as many groups (same rounds, same share of each batch).
-        return StepBatch(chosen, rounds, exhausted, generated, len(generated) * self.G * world, tokens, failures)
+        return StepBatch(chosen.groups, rounds, exhausted, generated, len(generated) * self.G * world, tokens,
+                         failures, chosen.sent, chosen.received)
 
     def _global_sum(self, value: float) -> float:
         t = torch.tensor([float(value)], device=self.accelerator.device)
@@ -190,7 +194,7 @@ class Trainer:
     def update(self, batch: StepBatch, lr: float) -> dict[str, float]:
         """Micro-batches of log-probs and loss, one optimizer step at learning rate `lr`."""
         t, acc = self.cfg.train, self.accelerator
-        n_valid = self._global_sum(sum(g.valid for g in batch.groups))
+        n_valid = self._global_sum(batch.trained_valid)
         n_groups = self.local_groups * acc.num_processes
         inv_alpha = alg.inverse_alpha(int(n_valid), n_groups) if self.alpha_on else 1.0
         for group in self.optimizer.param_groups:
@@ -225,8 +229,9 @@ class Trainer:
         defect was that they fell unevenly and unseen)."""
         acc = self.accelerator
         record = {"step": self.state.step + 1, "rank": acc.process_index, "rounds": batch.rounds,
-                  "local_valid": sum(g.valid for g in batch.groups), "local_groups": len(batch.groups),
-                  "inverse_alpha": inv_alpha, "batches_consumed": self.stream.batches_consumed}
+                  "local_valid": batch.trained_valid, "local_groups": len(batch.groups),
+                  "generated_valid": sum(s.valid for s in batch.generated), "sent": batch.sent,
+                  "received": batch.received, "inverse_alpha": inv_alpha, "batches_consumed": self.stream.batches_consumed}
         with self.rank_log.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -278,6 +283,9 @@ class Trainer:
         m["resample_rounds"] = batch.rounds
         m["resample_exhausted"] = float(batch.exhausted)
         m["reward_failures"] = self._global_sum(batch.reward_failures)
+        # Valid groups generated but not trained: only beyond B, never while filler is trained.
+        m["valid_groups_dropped"] = self._global_sum(sum(s.valid for s in batch.generated) - batch.trained_valid)
+        m["groups_moved"] = self._global_sum(batch.sent)
         m["samples_generated"] = self.state.samples_generated + batch.samples
         m["epoch"] = self.stream.epochs_done
         return m

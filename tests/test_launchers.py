@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
+SKEW = str(ROOT / "tests" / "plugins" / "skew_task.py")
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
        # DeepSpeed's ops compile on first use; kept with this environment, built once (deepspeed_ops)
@@ -144,3 +145,22 @@ def test_grpo_reference_under_zero3_gives_the_kl_of_data_parallel(runs):
     ddp, zero3 = runs("ddp_grpo"), runs("zero3_grpo")
     assert any(r.get("kl", 0) > 0 for r in metrics(ddp))  # the KL term is really there
     assert_same_run(ddp, zero3, steps=(2,))
+
+
+def test_skewed_valid_groups_are_balanced_so_no_rank_trains_filler(tmp_path):
+    out = tmp_path / "skew"
+    launch(out, "ddp", f"task.name={SKEW}", "task.eval_split=", "train.prompts_per_device=2", "train.grad_accum=2",
+           "algorithm.beta_th=1.0", "train.max_steps=3", "train.save_every=0")
+    ranks = [records(out / "ranks" / f"rank{r}.jsonl") for r in range(2)]
+    steps = {r["step"]: r for r in records(out / "metrics.jsonl") if "loss" in r}
+    per_rank, n_groups = 2 * 2, 2 * 2 * 2
+    for zero, one in zip(*ranks):
+        assert one["generated_valid"] == 0 and zero["generated_valid"] >= n_groups  # all valid ones on rank 0
+        # rank 1 trains only what rank 0 sent it, whole groups with their images: valid, no filler
+        assert zero["local_valid"] == one["local_valid"] == per_rank and zero["local_groups"] == per_rank
+        assert zero["sent"] == one["received"] == per_rank and one["sent"] == zero["received"] == 0
+        m = steps[zero["step"]]
+        assert m["valid_fraction"] == 1.0 and m["inverse_alpha"] == 1.0 and m["groups_moved"] == per_rank
+        # valid groups dropped: only those beyond B
+        assert m["valid_groups_dropped"] == zero["generated_valid"] - n_groups
+    assert any(steps[s]["valid_groups_dropped"] == 0 for s in steps)
