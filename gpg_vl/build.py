@@ -97,11 +97,14 @@ def drop_long_prompts(rows: list[Row], task: Task, adapter, limit: int) -> tuple
     return kept, len(rows) - len(kept)
 
 
-def resume_point(accelerator, t: TrainConfig) -> Path | None:
-    """The checkpoint to continue from; a fresh start over an earlier run's checkpoints is refused."""
+def resume_point(accelerator, t: TrainConfig, shape: dict) -> Path | None:
+    """The checkpoint to continue from; a fresh start over an earlier run's checkpoints, or a
+    resume by a run of another shape (gpg_vl.distributed.run_shape), is refused."""
     found = resolve_resume(t.output_dir, t.resume)
     if found is None and list_checkpoints(t.output_dir):
         raise FileExistsError(f"{t.output_dir} holds checkpoints of an earlier run: pass --resume "
                               f"(train.resume=latest) to continue it, or choose another train.output_dir")
+    if found is not None:
+        distributed.check_run_shape(found, shape)
     return found
 

@@ -15,7 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
-from gpg_vl.distributed import hf_state_dict
+from gpg_vl.distributed import hf_state_dict, write_run_shape
 
 DONE_MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"^step_(\d+)$")
@@ -53,8 +53,10 @@ def resolve_resume(output_dir: str | Path, resume: str) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator, model, adapter, output_dir: str | Path, step: int, keep: int) -> Path:
-    """Write step_N atomically on the main process's file system; every rank must call this."""
+def save_checkpoint(accelerator, model, adapter, output_dir: str | Path, step: int, keep: int,
+                    shape: dict | None = None) -> Path:
+    """Write step_N atomically on the main process's file system; every rank must call this.
+    `shape`: the run's shape, recorded for the check at resume (gpg_vl.distributed.run_shape)."""
     root = checkpoint_root(output_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp-step_{step:06d}"
@@ -67,6 +69,8 @@ def save_checkpoint(accelerator, model, adapter, output_dir: str | Path, step: i
     if accelerator.is_main_process:
         adapter.model.save_pretrained(tmp / "hf", state_dict=state_dict, safe_serialization=True)
         adapter.save_processor(tmp / "hf")
+        if shape is not None:
+            write_run_shape(tmp, shape)
         (tmp / DONE_MARKER).write_text(f"{step}\n")
         if final.exists():  # a checkpoint of the same step from an earlier, abandoned run
             shutil.rmtree(final)

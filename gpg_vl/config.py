@@ -134,7 +134,7 @@ class TrainConfig:
     resume: str = ""
     """'latest' to continue from the newest checkpoint in output_dir, or a checkpoint folder."""
     dist_timeout_s: float = 1800.0
-    """Seconds a collective waits for the other ranks before the run stops (a dead or stalled rank). Must exceed the longest time one rank works while the others wait: a checkpoint save, an evaluation shard, the slowest generation round."""
+    """Seconds a collective waits for the other ranks; then the run stops with a message naming the phase and the ranks that stopped answering (dead or stalled). Must exceed the longest time one rank works while the others wait: a checkpoint save, an evaluation shard, the slowest generation round."""
     tensorboard: bool = True
     """Also write TensorBoard event files."""
     plot: bool = True

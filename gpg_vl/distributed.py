@@ -3,7 +3,11 @@
 - the process group: its backend where accelerate picks none, and the collective timeout;
 - DeepSpeed ZeRO-3: bucket sizes that really shard the model, generation with the weights
   gathered once per call, a frozen reference model sharded like the policy, the full
-  weights for the hf/ folder.
+  weights for the hf/ folder;
+- the run's shape (world size, batch shape, engine), recorded in each checkpoint and
+  compared at resume;
+- a watchdog: each rank's phase in a status file kept fresh by a heartbeat, so that a rank
+  whose collective fails or times out says which rank stopped answering and where.
 
 The rank balancing of the groups of a step is in gpg_vl.balance.
 """
@@ -11,13 +15,22 @@ The rank balancing of the groups of a step is in gpg_vl.balance.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import sys
+import threading
+import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
+from gpg_vl.config import ConfigError
 
-# ---------------------------------------------------------------- process group
+SHAPE_FILE = "run_shape.json"
+
+
+# ---------------------------------------------------------------- process group and engine
 
 
 def process_group_kwargs(timeout_s: float):
@@ -40,6 +53,17 @@ def zero_stage(accelerator) -> int:
     """The DeepSpeed ZeRO stage, 0 without DeepSpeed."""
     plugin = accelerator.state.deepspeed_plugin
     return plugin.zero_stage if plugin is not None else 0
+
+
+def engine_name(accelerator) -> str:
+    """ddp (one process or torch data parallel), zero1..zero3, with +offload_optimizer / +offload_param."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return "ddp"
+    zero = plugin.deepspeed_config.get("zero_optimization", {})
+    offloaded = [key for key in ("offload_optimizer", "offload_param")
+                 if str(zero.get(key, {}).get("device", "none")).lower() not in ("none", "")]
+    return f"zero{plugin.zero_stage}" + "".join(f"+{key}" for key in offloaded)
 
 
 # ---------------------------------------------------------------- ZeRO-3
@@ -115,3 +139,116 @@ def keep_used_conversions(model: torch.nn.Module) -> None:
     conversions = getattr(model, "_weight_conversions", None)
     if conversions:
         model._weight_conversions = [c for c in conversions if c.was_used()]
+
+
+# ---------------------------------------------------------------- the run's shape
+
+
+def run_shape(accelerator, prompts_per_device: int, grad_accum: int, group_size: int) -> dict:
+    """What a checkpoint's optimizer shards, every rank's random state and the data position
+    depend on: a resume of another shape would not continue the same run."""
+    return {"world_size": accelerator.num_processes, "prompts_per_device": prompts_per_device,
+            "grad_accum": grad_accum, "group_size": group_size, "engine": engine_name(accelerator),
+            "mixed_precision": str(accelerator.mixed_precision)}
+
+
+def write_run_shape(folder: Path, shape: dict) -> None:
+    (folder / SHAPE_FILE).write_text(json.dumps(shape, indent=1) + "\n")
+
+
+def check_run_shape(folder: Path, shape: dict) -> None:
+    """Refuse a resume from `folder` by a run of another shape, saying what differs. A
+    checkpoint without the record (written before it existed) is accepted."""
+    path = folder / SHAPE_FILE
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    differ = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in shape.items() if saved.get(k) != v]
+    if differ:
+        raise ConfigError(f"cannot resume from {folder}: it was made by a run of another shape ("
+                         + "; ".join(differ) + "). Resume with the checkpoint's settings and launcher, or start "
+                         "a new run (another train.output_dir) from its hf/ weights (model.path)")
+
+
+# ---------------------------------------------------------------- the watchdog
+
+
+class RankStopped(RuntimeError):
+    """A phase of a multi-process run failed; the message says what every rank last reported."""
+
+
+class Watchdog:
+    """Each rank's phase and step in `folder`/rank{r}.status, rewritten every few seconds by a
+    daemon thread. A rank waiting in a collective keeps beating; a dead or stopped one does
+    not, and its file goes stale. When a phase fails on a rank (a collective times out
+    after `timeout_s`, a peer's connection closes), the error is re-raised as RankStopped,
+    naming this rank, the phase and the status of every rank.
+
+    The folder must be on a file system all machines share (train.output_dir already must
+    be, for checkpoints); where it is not, the report says it found no status file."""
+
+    def __init__(self, folder: Path, rank: int, world: int, timeout_s: float):
+        self.folder, self.rank, self.world, self.timeout_s = Path(folder), rank, world, timeout_s
+        self.every = max(0.5, min(5.0, timeout_s / 4))  # heartbeat period, seconds
+        self.stale_after = 2.5 * self.every
+        self.status = {"rank": rank, "phase": "setup", "step": 0, "since": time.time()}
+        self._lock = threading.Lock()
+        if world > 1:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._write()
+            threading.Thread(target=self._beat, name="gpg-vl-heartbeat", daemon=True).start()
+
+    def _file(self, rank: int) -> Path:
+        return self.folder / f"rank{rank}.status"
+
+    def _write(self) -> None:
+        with self._lock:
+            record = {**self.status, "alive": time.time()}
+            tmp = self._file(self.rank).with_suffix(".status.tmp")
+            tmp.write_text(json.dumps(record))
+            tmp.replace(self._file(self.rank))
+
+    def _beat(self) -> None:
+        while True:
+            time.sleep(self.every)
+            try:
+                self._write()
+            except OSError:  # the folder went away (a test's tmp dir, a full disk): try again next beat
+                pass
+
+    @contextlib.contextmanager
+    def phase(self, name: str, step: int):
+        self.status.update(phase=name, step=step, since=time.time())
+        if self.world == 1:
+            yield
+            return
+        self._write()
+        start = time.perf_counter()
+        try:
+            yield
+        except Exception as err:
+            head = (f"rank {self.rank} stopped in phase {name!r} of step {step} after "
+                    f"{time.perf_counter() - start:.1f} s (train.dist_timeout_s={self.timeout_s:g}): "
+                    f"{type(err).__name__}: {str(err)[:400]}")
+            if time.perf_counter() - start < self.stale_after:
+                # A peer's connection closed at once. Say so now (the launcher may end this process
+                # any moment), then let a dead peer's status go stale, so the report tells it from the living.
+                print(f"{head}\nwaiting {self.stale_after:g} s to tell stopped ranks from living ones; "
+                      f"{self.report(verdicts=False)}", file=sys.stderr, flush=True)
+                time.sleep(self.stale_after)
+            raise RankStopped(f"{head}\n{self.report()}") from err
+
+    def report(self, verdicts: bool = True) -> str:
+        """Each rank's last status; with `verdicts`, whether its heartbeat is fresh (alive) or stale."""
+        lines, now = [], time.time()
+        for r in range(self.world):
+            try:
+                other = json.loads(self._file(r).read_text())
+            except (OSError, ValueError):
+                lines.append(f"  rank {r}: no status file (it never started, or {self.folder} is not shared)")
+                continue
+            silent = now - other["alive"]
+            verdict = "NOT RESPONDING (dead or stopped), " if silent > self.stale_after else "alive, "
+            lines.append(f"  rank {r}: {verdict if verdicts else ''}last seen {silent:.0f} s ago in phase {other['phase']!r} of "
+                         f"step {other['step']} (entered {now - other['since']:.0f} s ago)")
+        return "status of each rank:\n" + "\n".join(lines)

@@ -26,7 +26,7 @@ from gpg_vl.balance import balance_groups, join_buffer
 from gpg_vl.checkpoint import save_checkpoint
 from gpg_vl.config import Config, to_dict
 from gpg_vl.data import PromptStream
-from gpg_vl.distributed import generation_context
+from gpg_vl.distributed import Watchdog, generation_context, run_shape
 from gpg_vl.metrics import PLOT_FILE, MetricsLogger, format_line, plot_curves, truncate_after
 from gpg_vl.models.base import collate
 from gpg_vl.models.policy import PolicyLogprobs
@@ -37,8 +37,8 @@ from gpg_vl.task import ScoreContext, Task, build_task
 
 
 class PhaseTimer:
-    """Seconds spent in each phase of a step (encode, generate, score, balance, forward,
-    backward, optimizer). On a GPU the device is synchronised at each boundary, so that a phase is
+    """Seconds spent in each phase of a step (encode, generate, score, forward, backward,
+    optimizer). On a GPU the device is synchronised at each boundary, so that a phase is
     charged for its own kernels."""
 
     def __init__(self, device: torch.device):
@@ -69,6 +69,7 @@ class Trainer:
         self.cfg = cfg
         t, a = cfg.train, cfg.algorithm
         self.accelerator = acc = build.make_accelerator(t)
+        self.watch = Watchdog(Path(t.output_dir) / "ranks", acc.process_index, acc.num_processes, t.dist_timeout_s)
         set_seed(t.seed, device_specific=True)  # each rank samples its own completions
         self.G = a.group_size
         self.algorithm = a.name
@@ -78,13 +79,18 @@ class Trainer:
         self.beta_th = a.resolved("beta_th")
         r = cfg.rollout
         self.sampling = SamplingSettings(r.max_new_tokens, False, r.temperature, r.top_p, r.top_k)
+        self.local_groups = t.prompts_per_device * t.grad_accum
+        self.shape = run_shape(acc, t.prompts_per_device, t.grad_accum, self.G)
+        with self.watch.phase("setup", 0):
+            self._build()
 
+    def _build(self) -> None:  # the task's rows, the policy, its optimizer, the reference; the resume point
+        cfg, t, acc = self.cfg, self.cfg.train, self.accelerator
         self.task: Task = build_task(cfg.task)
         dtype = build.weights_dtype(cfg, acc)
         self.adapter = build.load_policy(cfg, dtype, cfg.model.gradient_checkpointing)
         self.ctx = ScoreContext(boxes=self.adapter.box_convention)
         self._load_rows()
-        self.local_groups = t.prompts_per_device * t.grad_accum
         self.stream = PromptStream(len(self.train_rows), self.local_groups * acc.num_processes, t.seed,
                                    acc.process_index, acc.num_processes)
         self.budget = Budget.choose(t.max_steps, t.max_samples, t.epochs, self.stream.batches_per_epoch)
@@ -97,7 +103,7 @@ class Trainer:
         self.phases = PhaseTimer(acc.device)
         self.state = TrainState()
         acc.register_for_checkpointing(self.stream, self.state)
-        self._restore_and_open_logs(build.resume_point(acc, t))
+        self._restore_and_open_logs(build.resume_point(acc, t, self.shape))
 
     def _load_rows(self) -> None:
         """Training and held-out rows; prompts over rollout.max_prompt_tokens are skipped, counted."""
@@ -319,7 +325,8 @@ class Trainer:
         return {f"eval/{k}": float(v) / n for k, v in zip(sums, totals[:-1])}
 
     def _evaluate_and_report(self, bar) -> dict[str, float]:
-        values = self.evaluate()
+        with self.watch.phase("evaluate", self.state.step):
+            values = self.evaluate()
         self.logger.log(self.state.step, values)
         if self.accelerator.is_main_process:
             bar.write(f"step {self.state.step:>4} | held-out greedy " +
@@ -333,9 +340,13 @@ class Trainer:
         t = self.cfg.train
         # The learning rate of this step, from the budget used before it draws its data.
         lr = t.learning_rate * lr_factor(self.budget.progress(self.counters()), t.warmup_ratio, t.lr_schedule)
-        batch = self.collect()
-        metrics = self.batch_metrics(batch)
-        metrics.update(self.update(batch, lr))
+        n = self.state.step + 1
+        with self.watch.phase("collect", n):
+            batch = self.collect()
+        with self.watch.phase("metrics", n):
+            metrics = self.batch_metrics(batch)
+        with self.watch.phase("update", n):
+            metrics.update(self.update(batch, lr))
         self.state.step += 1
         self.state.samples_generated += batch.samples
         metrics.update(self.phases.take())
@@ -367,8 +378,9 @@ class Trainer:
             if self.eval_rows and (finished or due):
                 last_eval = self._evaluate_and_report(bar)
             if finished or (t.save_every and self.state.step % t.save_every == 0):
-                save_checkpoint(acc, self.model, self.adapter, t.output_dir, self.state.step,
-                                t.keep_checkpoints)
+                with self.watch.phase("checkpoint", self.state.step):
+                    save_checkpoint(acc, self.model, self.adapter, t.output_dir, self.state.step,
+                                    t.keep_checkpoints, self.shape)
         bar.close()
         self.logger.close()
         if acc.is_main_process and t.plot:

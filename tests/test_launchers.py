@@ -7,12 +7,18 @@ are sampled); loss, grad_norm and kl within 1e-5; weights within 2e-5 (seen: 3e-
 not bitwise: DeepSpeed sums the clipping norm and reduces gradients in another order.
 """
 
+import contextlib
 import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -71,6 +77,14 @@ def assert_same_run(a: Path, b: Path, steps=(2, 4), weight_tol: float = 2e-5) ->
         assert wa.keys() == wb.keys()
         worst = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
         assert worst <= weight_tol, (step, worst)
+
+
+def assert_bitwise(a: Path, b: Path, step: int = 4) -> None:
+    wa, wb = weights(a, step), weights(b, step)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert metrics(a) == metrics(b)
+    for r in range(2):
+        assert records(a / "ranks" / f"rank{r}.jsonl") == records(b / "ranks" / f"rank{r}.jsonl")
 
 
 @pytest.fixture(scope="session")
@@ -164,3 +178,93 @@ def test_skewed_valid_groups_are_balanced_so_no_rank_trains_filler(tmp_path):
         # valid groups dropped: only those beyond B
         assert m["valid_groups_dropped"] == zero["generated_valid"] - n_groups
     assert any(steps[s]["valid_groups_dropped"] == 0 for s in steps)
+
+
+def workers(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
+    """The training processes under a launcher, by rank (torchrun starts them in sessions of their own)."""
+    found = {}
+    for p in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if "gpg_vl.cli" in " ".join(p.cmdline()) and "RANK" in p.environ() and "LOCAL_RANK" in p.environ():
+                found[int(p.environ()["RANK"])] = p
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    with log.open("w") as f:
+        return subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, seconds: float = 600) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.time() < deadline, f"no {what} within {seconds} s"
+        time.sleep(0.05)
+
+
+def end(proc: subprocess.Popen, ranks: dict[int, psutil.Process]) -> None:
+    """Kill what is left of a launch: the workers (in sessions of their own), then the launcher's group."""
+    for p in ranks.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def test_a_stalled_rank_stops_the_other_with_its_name_and_phase_and_the_run_resumes(runs, tmp_path):
+    out, log = tmp_path / "stalled", tmp_path / "stalled.log"
+    args = run_task("--launcher", "zero3", "--nproc", "2", f"train.output_dir={out}", *SHAPES,
+                    "train.dist_timeout_s=10")
+    proc = start(args, log)
+    wait_for(lambda: (out / "checkpoints" / "step_000002" / "COMPLETE").exists(), proc, "the step-2 checkpoint")
+    ranks = workers(proc)
+    ranks[1].suspend()  # SIGSTOP: alive, silent
+    stalled = time.time()
+    try:
+        ranks[0].wait(timeout=90)
+        stopped_after = time.time() - stalled
+    finally:
+        end(proc, ranks)
+    text = log.read_text()
+    # bounded: the collective timeout (10 s) and the watchdog's report, not gloo's default of 30 minutes
+    assert stopped_after < 10 + 30, stopped_after
+    assert re.search(r"rank 0 stopped in phase '(collect|metrics|update|checkpoint)' of step [23] after", text), \
+        text[-3000:]
+    assert re.search(r"rank 1: NOT RESPONDING \(dead or stopped\), last seen \d+ s ago in phase '\w+'", text)
+    assert "rank 0: alive" in text
+    resumed = launch(out, "zero3", "train.dist_timeout_s=10", "--resume")
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert_bitwise(runs("zero3"), out)
+
+
+def test_a_killed_rank_ends_the_run_at_once_naming_it(tmp_path):
+    out, log = tmp_path / "killed", tmp_path / "killed.log"
+    proc = start(run_task("--nproc", "2", f"train.output_dir={out}", *SHAPES, "train.max_steps=50",
+                          "train.save_every=0"), log)
+    wait_for(lambda: (out / "metrics.jsonl").exists() and '"loss"' in (out / "metrics.jsonl").read_text(), proc,
+             "step 1")
+    ranks = workers(proc)
+    ranks[1].kill()
+    killed = time.time()
+    try:
+        rc = proc.wait(timeout=60)
+    finally:
+        end(proc, ranks)
+    assert time.time() - killed < 30 and rc != 0
+    text = log.read_text()
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s+exitcode\s*:\s*-9", text), text[-3000:]
+    status = json.loads((out / "ranks" / "rank1.status").read_text())
+    assert status["rank"] == 1 and status["step"] >= 1 and status["phase"]
+
+
+def test_a_resume_with_another_world_size_is_refused(runs, tmp_path):
+    out = tmp_path / "one_process"
+    shutil.copytree(runs("zero3"), out)
+    done = launch(out, "ddp", "--resume", nproc=1, check=False)
+    assert done.returncode == 2
+    assert "world_size: checkpoint 2, this run 1" in done.stderr and "engine: checkpoint 'zero3', this run 'ddp'" \
+        in done.stderr
