@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -268,3 +269,23 @@ def test_a_resume_with_another_world_size_is_refused(runs, tmp_path):
     assert done.returncode == 2
     assert "world_size: checkpoint 2, this run 1" in done.stderr and "engine: checkpoint 'zero3', this run 'ddp'" \
         in done.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_simulated_machines_reach_the_result_of_one(runs, tmp_path):
+    out, port = tmp_path / "two_machines", free_port()
+    nodes = []
+    for rank in (0, 1):
+        args = run_task("--launcher", "zero3", "--nproc", "1", "--nnodes", "2", "--node-rank", str(rank),
+                        "--master", f"127.0.0.1:{port}", f"train.output_dir={out}", *SHAPES)
+        nodes.append(start(args, tmp_path / f"node{rank}.log"))
+        if rank == 0:  # machine 0 hosts the rendezvous: it starts first, as on a real cluster
+            wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, nodes[0], "the rendezvous")
+    for rank, node in enumerate(nodes):
+        assert node.wait(timeout=900) == 0, (tmp_path / f"node{rank}.log").read_text()[-3000:]
+    assert_bitwise(runs("zero3"), out)
