@@ -37,8 +37,8 @@ from gpg_vl.task import ScoreContext, Task, build_task
 
 
 class PhaseTimer:
-    """Seconds spent in each phase of a step (encode, generate, score, forward, backward,
-    optimizer). On a GPU the device is synchronised at each boundary, so that a phase is
+    """Seconds spent in each phase of a step (encode, generate, score, balance, forward,
+    backward, optimizer). On a GPU the device is synchronised at each boundary, so that a phase is
     charged for its own kernels."""
 
     def __init__(self, device: torch.device):
@@ -187,7 +187,8 @@ class Trainer:
                                                                                                  pending):
                 exhausted = True  # train on what there is; the metrics say so
                 break
-        chosen = balance_groups(acc, buffer, filler, self.local_groups)
+        with self.phases("balance"):
+            chosen = balance_groups(acc, buffer, filler, self.local_groups)
         # Every rank generated as many groups (same rounds, same share of each batch).
         return StepBatch(chosen.groups, rounds, exhausted, generated, len(generated) * self.G * world, tokens,
                          failures, chosen.sent, chosen.received)
@@ -340,12 +341,11 @@ class Trainer:
         t = self.cfg.train
         # The learning rate of this step, from the budget used before it draws its data.
         lr = t.learning_rate * lr_factor(self.budget.progress(self.counters()), t.warmup_ratio, t.lr_schedule)
-        n = self.state.step + 1
-        with self.watch.phase("collect", n):
+        with self.watch.phase("collect", self.state.step + 1):
             batch = self.collect()
-        with self.watch.phase("metrics", n):
+        with self.watch.phase("metrics", self.state.step + 1):
             metrics = self.batch_metrics(batch)
-        with self.watch.phase("update", n):
+        with self.watch.phase("update", self.state.step + 1):
             metrics.update(self.update(batch, lr))
         self.state.step += 1
         self.state.samples_generated += batch.samples
