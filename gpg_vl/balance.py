@@ -17,7 +17,8 @@ dropped only beyond B (the step was full), never while filler is trained.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 

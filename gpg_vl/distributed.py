@@ -135,7 +135,7 @@ def keep_used_conversions(model: torch.nn.Module) -> None:
     family, matched or not, and save_pretrained reverses them all (hf/ names such as
     `model.model.layers.*`). Keep the rules that matched, as a load without ZeRO-3 does, so
     that hf/ has the checkpoint's own names. A private attribute: pinned in constraints.txt
-    and tested (tests/test_zero.py)."""
+    and tested (tests/test_launchers.py: the hf/ folder of a ZeRO-3 run)."""
     conversions = getattr(model, "_weight_conversions", None)
     if conversions:
         model._weight_conversions = [c for c in conversions if c.was_used()]
@@ -165,9 +165,9 @@ def check_run_shape(folder: Path, shape: dict) -> None:
     saved = json.loads(path.read_text())
     differ = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in shape.items() if saved.get(k) != v]
     if differ:
-        raise ConfigError(f"cannot resume from {folder}: it was made by a run of another shape ("
-                         + "; ".join(differ) + "). Resume with the checkpoint's settings and launcher, or start "
-                         "a new run (another train.output_dir) from its hf/ weights (model.path)")
+        raise ConfigError(f"cannot resume from {folder}: it was made by a run of another shape ({'; '.join(differ)}). "
+                          "Resume with the checkpoint's settings and launcher, or start a new run (another "
+                          "train.output_dir) from its hf/ weights (model.path)")
 
 
 # ---------------------------------------------------------------- the watchdog
@@ -218,7 +218,8 @@ class Watchdog:
 
     @contextlib.contextmanager
     def phase(self, name: str, step: int):
-        self.status.update(phase=name, step=step, since=time.time())
+        with self._lock:
+            self.status.update(phase=name, step=step, since=time.time())
         if self.world == 1:
             yield
             return
@@ -226,6 +227,8 @@ class Watchdog:
         start = time.perf_counter()
         try:
             yield
+        except RankStopped:  # reported by an inner phase already
+            raise
         except Exception as err:
             head = (f"rank {self.rank} stopped in phase {name!r} of step {step} after "
                     f"{time.perf_counter() - start:.1f} s (train.dist_timeout_s={self.timeout_s:g}): "
@@ -249,6 +252,7 @@ class Watchdog:
                 continue
             silent = now - other["alive"]
             verdict = "NOT RESPONDING (dead or stopped), " if silent > self.stale_after else "alive, "
-            lines.append(f"  rank {r}: {verdict if verdicts else ''}last seen {silent:.0f} s ago in phase {other['phase']!r} of "
-                         f"step {other['step']} (entered {now - other['since']:.0f} s ago)")
+            verdict = verdict if verdicts else ""
+            lines.append(f"  rank {r}: {verdict}last seen {silent:.0f} s ago in phase {other['phase']!r} of step "
+                         f"{other['step']} (entered {now - other['since']:.0f} s ago)")
         return "status of each rank:\n" + "\n".join(lines)

@@ -236,9 +236,9 @@ class Trainer:
         defect was that they fell unevenly and unseen)."""
         acc = self.accelerator
         record = {"step": self.state.step + 1, "rank": acc.process_index, "rounds": batch.rounds,
-                  "local_valid": batch.trained_valid, "local_groups": len(batch.groups),
+                  "local_valid": batch.trained_valid, "local_groups": len(batch.groups), "inverse_alpha": inv_alpha,
                   "generated_valid": sum(s.valid for s in batch.generated), "sent": batch.sent,
-                  "received": batch.received, "inverse_alpha": inv_alpha, "batches_consumed": self.stream.batches_consumed}
+                  "received": batch.received, "batches_consumed": self.stream.batches_consumed}
         with self.rank_log.open("a") as f:
             f.write(json.dumps(record) + "\n")
 

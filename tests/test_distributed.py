@@ -10,8 +10,16 @@ import pytest
 from transformers import AutoConfig
 
 from gpg_vl.config import ConfigError
-from gpg_vl.distributed import (RankStopped, Watchdog, check_run_shape, engine_name, process_group_kwargs,
-                                run_shape, size_zero3_buckets, write_run_shape)
+from gpg_vl.distributed import (
+    RankStopped,
+    Watchdog,
+    check_run_shape,
+    engine_name,
+    process_group_kwargs,
+    run_shape,
+    size_zero3_buckets,
+    write_run_shape,
+)
 
 
 def test_gloo_is_named_only_for_several_processes_without_an_accelerator(monkeypatch):
@@ -57,7 +65,8 @@ def test_a_resume_of_another_shape_is_refused_saying_what_differs(tmp_path):
     with pytest.raises(ConfigError) as err:
         check_run_shape(tmp_path, other)
     message = str(err.value)
-    assert "world_size: checkpoint 2, this run 1" in message and "prompts_per_device: checkpoint 4, this run 8" in message
+    assert "world_size: checkpoint 2, this run 1" in message
+    assert "prompts_per_device: checkpoint 4, this run 8" in message
     assert "engine: checkpoint 'zero3', this run 'ddp'" in message and "grad_accum" not in message
     check_run_shape(tmp_path / "older", other)  # a checkpoint from before the record: accepted
 
@@ -67,9 +76,8 @@ def test_a_failed_phase_names_this_rank_the_phase_and_the_rank_that_stopped_beat
     (tmp_path / "rank1.status").write_text(json.dumps({"rank": 1, "phase": "update", "step": 3,
                                                        "since": time.time() - 9, "alive": time.time() - 5}))
     start = time.perf_counter()
-    with pytest.raises(RankStopped) as err:
-        with watch.phase("collect", 3):
-            raise RuntimeError("Connection closed by peer")
+    with pytest.raises(RankStopped) as err, watch.phase("collect", 3):
+        raise RuntimeError("Connection closed by peer")
     # a failure at once waits for a dead peer's status to go stale before it reports
     assert time.perf_counter() - start >= watch.stale_after
     message = str(err.value)
@@ -82,7 +90,6 @@ def test_a_failed_phase_names_this_rank_the_phase_and_the_rank_that_stopped_beat
 
 def test_one_process_has_no_watchdog_files_and_keeps_its_errors(tmp_path):
     watch = Watchdog(tmp_path / "ranks", rank=0, world=1, timeout_s=60)
-    with pytest.raises(KeyError):
-        with watch.phase("collect", 1):
-            raise KeyError("x")
+    with pytest.raises(KeyError), watch.phase("collect", 1):
+        raise KeyError("x")
     assert not (tmp_path / "ranks").exists()
