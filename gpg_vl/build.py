@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from gpg_vl import distributed
 from gpg_vl.checkpoint import finish_interrupted, list_checkpoints, resolve_resume
 from gpg_vl.config import Config, TrainConfig
 from gpg_vl.evaluation import Part
@@ -22,7 +23,8 @@ def make_accelerator(t: TrainConfig):
     from accelerate import Accelerator
 
     mixed = t.mixed_precision if t.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
-    return Accelerator(gradient_accumulation_steps=t.grad_accum, mixed_precision=mixed)
+    return Accelerator(gradient_accumulation_steps=t.grad_accum, mixed_precision=mixed,
+                       kwargs_handlers=[distributed.process_group_kwargs(t.dist_timeout_s)])
 
 
 def weights_dtype(cfg: Config, accelerator) -> str:
@@ -38,31 +40,36 @@ def load_policy(cfg: Config, dtype: str, gradient_checkpointing: bool):
     from gpg_vl.models import load_adapter
 
     m = cfg.model
-    return load_adapter(m.path, dtype=dtype, max_pixels=m.max_pixels, min_pixels=m.min_pixels,
-                        attn_implementation=m.attn_implementation or None, trust_remote_code=m.trust_remote_code,
-                        gradient_checkpointing=gradient_checkpointing)
+    adapter = load_adapter(m.path, dtype=dtype, max_pixels=m.max_pixels, min_pixels=m.min_pixels,
+                           attn_implementation=m.attn_implementation or None, trust_remote_code=m.trust_remote_code,
+                           gradient_checkpointing=gradient_checkpointing)
+    distributed.keep_used_conversions(adapter.model)  # hf/ keeps the checkpoint's names under ZeRO-3 too
+    return adapter
 
 
 def load_reference(cfg: Config, accelerator, dtype: str) -> PolicyLogprobs | None:
-    """The frozen reference of GRPO's KL term, only when one is asked for (never for GPG)."""
+    """The frozen reference of GRPO's KL term, only when one is asked for (never for GPG).
+    Loaded after the policy was prepared: under ZeRO-3 it is then born sharded and goes into
+    a DeepSpeed inference engine with the policy's config; elsewhere each rank holds it whole."""
     a = cfg.algorithm
     if a.name == "gpg" or a.kl_coef <= 0:
         return None
-    ds = accelerator.state.deepspeed_plugin
-    if ds is not None and ds.zero_stage == 3:
-        raise ValueError("a KL reference model is not supported under ZeRO-3 yet: use the zero2 "
-                         "launcher, or algorithm.kl_coef=0")
-    model = load_policy(cfg, dtype, gradient_checkpointing=False).model
-    return PolicyLogprobs(model).to(accelerator.device).eval().requires_grad_(False)
+    reference = PolicyLogprobs(load_policy(cfg, dtype, gradient_checkpointing=False).model)
+    if distributed.zero_stage(accelerator) == 3:
+        return distributed.zero3_reference(reference, accelerator.state.deepspeed_plugin.deepspeed_config)
+    return reference.to(accelerator.device).eval().requires_grad_(False)
 
 
-def tell_deepspeed(accelerator, t: TrainConfig, group_size: int) -> None:
-    """Nothing is prepared from a dataloader, so DeepSpeed is told the batch sizes."""
+def tell_deepspeed(accelerator, t: TrainConfig, group_size: int, model_config) -> None:
+    """Nothing is prepared from a dataloader, so DeepSpeed is told the batch sizes (and, under
+    ZeRO-3, bucket sizes that shard the model: gpg_vl.distributed.size_zero3_buckets)."""
     ds = accelerator.state.deepspeed_plugin
     if ds is not None:
         ds.deepspeed_config["train_micro_batch_size_per_gpu"] = t.prompts_per_device * group_size
         ds.deepspeed_config["gradient_accumulation_steps"] = t.grad_accum
         ds.deepspeed_config["gradient_clipping"] = t.max_grad_norm
+        if ds.zero_stage == 3:
+            distributed.size_zero3_buckets(ds.deepspeed_config["zero_optimization"], model_config)
 
 
 def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
@@ -100,14 +107,17 @@ def drop_long_prompts(rows: list[Row], task: Task, adapter, limit: int) -> tuple
     return kept, len(rows) - len(kept)
 
 
-def resume_point(accelerator, t: TrainConfig) -> Path | None:
+def resume_point(accelerator, t: TrainConfig, shape: dict) -> Path | None:
     """The checkpoint to continue from, after finishing or cleaning what a kill interrupted; a
-    fresh start over an earlier run's checkpoints is refused."""
+    fresh start over an earlier run's checkpoints, or a resume by a run of another shape
+    (gpg_vl.distributed.run_shape), is refused."""
     finish_interrupted(accelerator, t.output_dir)
     found = resolve_resume(t.output_dir, t.resume)
     if found is None and list_checkpoints(t.output_dir):
         raise FileExistsError(f"{t.output_dir} holds checkpoints of an earlier run: pass --resume "
                               f"(train.resume=latest) to continue it, or choose another train.output_dir")
+    if found is not None:
+        distributed.check_run_shape(found, shape)
     return found
 
 

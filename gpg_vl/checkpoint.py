@@ -22,6 +22,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from gpg_vl.distributed import hf_state_dict, write_run_shape
+
 DONE_MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _TMP, _TRASH = ".tmp-", ".del-"
@@ -131,8 +133,10 @@ def _quiet_about_tied_weights(model) -> Iterator[None]:
         log.removeFilter(note)
 
 
-def save_checkpoint(accelerator, model, adapter, output_dir: str | Path, step: int, keep: int) -> Path:
-    """Write step_N atomically on the main process's file system; every rank must call this."""
+def save_checkpoint(accelerator, model, adapter, output_dir: str | Path, step: int, keep: int,
+                    shape: dict | None = None) -> Path:
+    """Write step_N atomically on the main process's file system; every rank must call this.
+    `shape`: the run's shape, recorded for the check at resume (gpg_vl.distributed.run_shape)."""
     root = checkpoint_root(output_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f"{_TMP}{final.name}"
@@ -143,11 +147,12 @@ def save_checkpoint(accelerator, model, adapter, output_dir: str | Path, step: i
     with _quiet_about_tied_weights(accelerator.unwrap_model(model)):
         accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()  # every rank's files written before the marker says complete
-    # The trained module wraps the Hugging Face model (gpg_vl.models.policy): its keys start "model.".
-    state_dict = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(model).items()}
+    state_dict = hf_state_dict(accelerator, model)  # gathered under ZeRO-3 (a collective), else None
     if accelerator.is_main_process:
         adapter.model.save_pretrained(tmp / "hf", state_dict=state_dict, safe_serialization=True)
         adapter.save_processor(tmp / "hf")
+        if shape is not None:
+            write_run_shape(tmp, shape)
         (tmp / DONE_MARKER).write_text(f"{step}\n")
         if final.exists():  # a checkpoint of the same step from an earlier, abandoned run
             remove_checkpoint(final)

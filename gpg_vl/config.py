@@ -153,6 +153,8 @@ class TrainConfig:
     """Most recent checkpoints kept on disk."""
     resume: str = ""
     """'latest' to continue from the newest checkpoint in output_dir, or a checkpoint folder."""
+    dist_timeout_s: float = 1800.0
+    """Seconds a collective waits for the other ranks; then the run stops with a message naming the phase and the ranks that stopped answering (dead or stalled). Must exceed the longest time one rank works while the others wait: a checkpoint save, an evaluation shard, the slowest generation round."""
     tensorboard: bool = True
     """Also write TensorBoard event files."""
     plot: bool = True
@@ -372,6 +374,7 @@ def validate(cfg: Config) -> None:
           "set one budget: train.max_steps (optimizer steps) or train.max_samples (generated completions)")
     check(t.mixed_precision in ("auto", "no", "bf16", "fp16"),
           f"train.mixed_precision must be auto, no, bf16 or fp16, got {t.mixed_precision!r}")
+    check(t.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0 seconds, got {t.dist_timeout_s}")
     check(t.logprob_chunk >= 1 and t.log_every >= 1 and t.keep_checkpoints >= 1,
           "train.logprob_chunk, train.log_every and train.keep_checkpoints must be >= 1")
     check(cfg.task.on_bad_row in ("error", "skip"), "task.on_bad_row must be 'error' or 'skip'")

@@ -19,12 +19,20 @@ from gpg_vl.rollout import Scored
 from gpg_vl.task import Row
 
 
+def _valid(rewards: Tensor) -> bool:
+    return bool(alg.valid_groups(rewards, len(rewards))[0])
+
+
 class GroupStats(NamedTuple):
     """What the step's metrics need of a generated group (no tensors of the prompt)."""
 
     rewards: Tensor  # [G]
     components: dict[str, Tensor]  # name -> [G]
     lengths: Tensor  # [G] completion tokens, EOS included
+
+    @property
+    def valid(self) -> bool:
+        return _valid(self.rewards)
 
 
 class Group(NamedTuple):
@@ -40,7 +48,7 @@ class Group(NamedTuple):
 
     @property
     def valid(self) -> bool:
-        return bool(alg.valid_groups(self.rewards, len(self.rewards))[0])
+        return _valid(self.rewards)
 
     def stats(self) -> GroupStats:
         return GroupStats(self.rewards, self.components, self.completion_mask.sum(1))
@@ -49,13 +57,20 @@ class Group(NamedTuple):
 class StepBatch(NamedTuple):
     """What one optimizer step trains on this rank, and how it was collected."""
 
-    groups: list[Group]  # prompts_per_device * grad_accum groups, valid first
+    groups: list[Group]  # prompts_per_device * grad_accum groups, valid first, balanced across ranks
     rounds: int  # generation rounds used (same on every rank)
     exhausted: bool  # the round limit or the data budget ended resampling below beta_th
     generated: list[GroupStats]  # every group generated this step on this rank, all rounds
     samples: int  # completions generated this step, all rounds and ranks
     generated_tokens: int
     reward_failures: int
+    sent: int = 0  # groups this rank sent to other ranks when balancing (gpg_vl.balance)
+    received: int = 0  # groups it received
+
+    @property
+    def trained_valid(self) -> int:
+        """Valid groups among those trained on this rank."""
+        return sum(g.valid for g in self.groups)
 
 
 @dataclass

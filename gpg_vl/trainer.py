@@ -2,8 +2,8 @@
 
 One optimizer step:
     draw prompts -> encode each once -> generate G per prompt -> score -> count valid groups
-    over all ranks -> [resample while the trainable valid fraction is under beta_th] ->
-    assemble the batch (valid groups first, invalid filler) -> alpha from what is trained ->
+    over all ranks -> [resample while the trainable valid fraction is under beta_th] -> balance
+    the batch across ranks (whole groups, valid first, invalid filler) -> alpha from what is trained ->
     micro-batches of log-probs (each prompt once per group) and loss -> backward, clip, step
     -> metrics, evaluation, checkpoint.
 """
@@ -22,9 +22,11 @@ from torch import Tensor
 
 from gpg_vl import algorithm as alg
 from gpg_vl import build
+from gpg_vl.balance import balance_groups, join_buffer
 from gpg_vl.checkpoint import save_checkpoint
 from gpg_vl.config import Config, to_dict
 from gpg_vl.data import PromptStream
+from gpg_vl.distributed import Watchdog, generation_context, run_shape
 from gpg_vl.evaluation import decoding, held_out
 from gpg_vl.metrics import PLOT_FILE, MetricsLogger, format_line, plot_curves, truncate_after
 from gpg_vl.models.base import collate
@@ -37,8 +39,8 @@ from gpg_vl.task import ScoreContext, Task, build_task
 
 
 class PhaseTimer:
-    """Seconds spent in each phase of a step (encode, generate, score, forward, backward,
-    optimizer). On a GPU the device is synchronised at each boundary, so that a phase is
+    """Seconds spent in each phase of a step (encode, generate, score, balance, forward,
+    backward, optimizer). On a GPU the device is synchronised at each boundary, so that a phase is
     charged for its own kernels."""
 
     def __init__(self, device: torch.device):
@@ -69,6 +71,7 @@ class Trainer:
         self.cfg = cfg
         t, a = cfg.train, cfg.algorithm
         self.accelerator = acc = build.make_accelerator(t)
+        self.watch = Watchdog(Path(t.output_dir) / "ranks", acc.process_index, acc.num_processes, t.dist_timeout_s)
         set_seed(t.seed, device_specific=True)  # each rank samples its own completions
         self.G = a.group_size
         self.algorithm = a.name
@@ -78,7 +81,13 @@ class Trainer:
         self.beta_th = a.resolved("beta_th")
         r = cfg.rollout
         self.sampling = SamplingSettings(r.max_new_tokens, False, r.temperature, r.top_p, r.top_k)
+        self.local_groups = t.prompts_per_device * t.grad_accum
+        self.shape = run_shape(acc, t.prompts_per_device, t.grad_accum, self.G)
+        with self.watch.phase("setup", 0):
+            self._build()
 
+    def _build(self) -> None:  # the task's rows, the policy, its optimizer, the reference; the resume point
+        cfg, t, acc = self.cfg, self.cfg.train, self.accelerator
         self.task: Task = build_task(cfg.task)
         dtype = build.weights_dtype(cfg, acc)
         self.adapter = build.load_policy(cfg, dtype, cfg.model.gradient_checkpointing)
@@ -87,20 +96,19 @@ class Trainer:
         start_reward_workers(self.task)  # after every split is read: the workers get a copy of the task
         if self.eval_part is not None and self.eval_part.task is not self.task:
             start_reward_workers(self.eval_part.task)  # another task evaluates (sat trains, cvbench evaluates)
-        self.local_groups = t.prompts_per_device * t.grad_accum
         self.stream = PromptStream(len(self.train_rows), self.local_groups * acc.num_processes, t.seed,
                                    acc.process_index, acc.num_processes)
         self.budget = Budget.choose(t.max_steps, t.max_samples, t.epochs, self.stream.batches_per_epoch)
 
-        self.ref_model = build.load_reference(cfg, acc, dtype)
-        build.tell_deepspeed(acc, t, self.G)
+        build.tell_deepspeed(acc, t, self.G, self.adapter.model.config)
         policy = PolicyLogprobs(self.adapter.model)
         self.model, self.optimizer = acc.prepare(policy, build.make_optimizer(policy, t))
+        self.ref_model = build.load_reference(cfg, acc, dtype)  # after prepare: ZeRO-3 shards it likewise
         self.engine = build.make_engine(cfg, self.adapter, self.task, self.train_rows + self.eval_rows, acc)
         self.phases = PhaseTimer(acc.device)
         self.state = TrainState()
         acc.register_for_checkpointing(self.stream, self.state)
-        self._restore_and_open_logs(build.resume_point(acc, t))
+        self._restore_and_open_logs(build.resume_point(acc, t, self.shape))
         self.push_weights()
         self.phases.take()  # the first push (the weights resumed from, if any) belongs to no step
 
@@ -161,37 +169,41 @@ class Trainer:
         return groups, failures, tokens
 
     def collect(self) -> StepBatch:
-        """Generate rounds until the trainable valid groups reach beta_th * B over all ranks.
-
-        Every rank runs the same number of rounds: the decision uses the global count.
-        The count is of what can really be trained: a rank keeps at most its share.
+        """Generate rounds until the valid groups reach beta_th * B over all ranks, then balance
+        them across ranks (gpg_vl.balance). Every rank runs the same number of rounds: the
+        decision uses the global count of what can be trained (at most B valid groups are kept).
         """
-        world = self.accelerator.num_processes
-        need = self.beta_th * self.local_groups * world
+        acc = self.accelerator
+        world, capacity = acc.num_processes, self.local_groups * acc.num_processes  # B
+        need = self.beta_th * capacity
         buffer: list[Group] = []
         filler: list[Group] = []
         generated: list[GroupStats] = []
-        tokens = failures = rounds = 0
+        tokens = failures = rounds = buffered = 0
         exhausted = False
         while True:
             groups, f, n_tok = self._generate_round()
             rounds += 1
             generated += [g.stats() for g in groups]
             failures, tokens = failures + f, tokens + n_tok
-            # Only a rank's first local_groups valid groups, and the last round's invalid ones
-            # as filler, can be trained: the others, pixel values and all, are dropped now.
-            buffer = (buffer + [g for g in groups if g.valid])[:self.local_groups]
+            # Valid groups beyond B over all ranks, and invalid ones but the last round's (the
+            # filler), can never be trained: they are dropped now, pixel values and all.
+            valid = [g for g in groups if g.valid]
+            take, buffered = join_buffer(acc, len(valid), buffered, capacity)
+            buffer += valid[:take]
             filler = [g for g in groups if not g.valid]
-            if self._global_sum(len(buffer)) >= need:
+            if buffered >= need:
                 break
             pending = len(generated) * self.G * world
             if rounds >= self.cfg.algorithm.max_resample_rounds or not self.budget.may_generate(self.counters(),
                                                                                                  pending):
                 exhausted = True  # train on what there is; the metrics say so
                 break
-        chosen = (buffer + filler)[:self.local_groups]
+        with self.phases("balance"):
+            chosen = balance_groups(acc, buffer, filler, self.local_groups)
         # Every rank generated as many groups (same rounds, same share of each batch).
-        return StepBatch(chosen, rounds, exhausted, generated, len(generated) * self.G * world, tokens, failures)
+        return StepBatch(chosen.groups, rounds, exhausted, generated, len(generated) * self.G * world, tokens,
+                         failures, chosen.sent, chosen.received)
 
     def _global_sum(self, value: float) -> float:
         t = torch.tensor([float(value)], device=self.accelerator.device)
@@ -203,7 +215,7 @@ class Trainer:
         algorithm.updates_per_batch of them, the first on-policy, the later ones with the ratio
         against the rollout policy clipped)."""
         t, acc = self.cfg.train, self.accelerator
-        n_valid = self._global_sum(sum(g.valid for g in batch.groups))
+        n_valid = self._global_sum(batch.trained_valid)
         n_groups = self.local_groups * acc.num_processes
         inv_alpha = alg.inverse_alpha(int(n_valid), n_groups) if self.alpha_on else 1.0
         for group in self.optimizer.param_groups:
@@ -248,8 +260,9 @@ class Trainer:
         defect was that they fell unevenly and unseen)."""
         acc = self.accelerator
         record = {"step": self.state.step + 1, "rank": acc.process_index, "rounds": batch.rounds,
-                  "local_valid": sum(g.valid for g in batch.groups), "local_groups": len(batch.groups),
-                  "inverse_alpha": inv_alpha, "batches_consumed": self.stream.batches_consumed}
+                  "local_valid": batch.trained_valid, "local_groups": len(batch.groups), "inverse_alpha": inv_alpha,
+                  "generated_valid": sum(s.valid for s in batch.generated), "sent": batch.sent,
+                  "received": batch.received, "batches_consumed": self.stream.batches_consumed}
         with self.rank_log.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -305,6 +318,9 @@ class Trainer:
         m["resample_rounds"] = batch.rounds
         m["resample_exhausted"] = float(batch.exhausted)
         m["reward_failures"] = self._global_sum(batch.reward_failures)
+        # Valid groups generated but not trained: only beyond B, never while filler is trained.
+        m["valid_groups_dropped"] = self._global_sum(sum(s.valid for s in batch.generated) - batch.trained_valid)
+        m["groups_moved"] = self._global_sum(batch.sent)
         m["samples_generated"] = self.state.samples_generated + batch.samples
         m["epoch"] = self.stream.epochs_done
         return m
@@ -319,7 +335,8 @@ class Trainer:
         return {f"eval/{k}": v for k, v in values.items()}
 
     def _evaluate_and_report(self, bar) -> dict[str, float]:
-        values = self.evaluate()
+        with self.watch.phase("evaluate", self.state.step):
+            values = self.evaluate()
         self.logger.log(self.state.step, values)
         if self.accelerator.is_main_process:
             how = "greedy" if self.cfg.eval.greedy else f"at temperature {self.cfg.eval.temperature}"
@@ -334,9 +351,12 @@ class Trainer:
         t = self.cfg.train
         # The learning rate of this step, from the budget used before it draws its data.
         lr = t.learning_rate * lr_factor(self.budget.progress(self.counters()), t.warmup_ratio, t.lr_schedule)
-        batch = self.collect()
-        metrics = self.batch_metrics(batch)
-        metrics.update(self.update(batch, lr))
+        with self.watch.phase("collect", self.state.step + 1):
+            batch = self.collect()
+        with self.watch.phase("metrics", self.state.step + 1):
+            metrics = self.batch_metrics(batch)
+        with self.watch.phase("update", self.state.step + 1):
+            metrics.update(self.update(batch, lr))
         self.state.step += 1
         self.state.samples_generated += batch.samples
         metrics.update(self.phases.take())
@@ -368,23 +388,14 @@ class Trainer:
             if self.eval_rows and (finished or due):
                 last_eval = self._evaluate_and_report(bar)
             if finished or (t.save_every and self.state.step % t.save_every == 0):
-                save_checkpoint(acc, self.model, self.adapter, t.output_dir, self.state.step,
-                                t.keep_checkpoints)
+                with self.watch.phase("checkpoint", self.state.step):
+                    save_checkpoint(acc, self.model, self.adapter, t.output_dir, self.state.step,
+                                    t.keep_checkpoints, self.shape)
         bar.close()
         self.logger.close()
         if acc.is_main_process and t.plot:
             plot_curves(self.logger.path, Path(t.output_dir) / PLOT_FILE)
         return last_eval
-
-
-def generation_context(accelerator, model):
-    """Under ZeRO-3 gather the sharded weights once for the whole generation call."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and plugin.zero_stage == 3:
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(model.parameters()))
-    return contextlib.nullcontext()
 
 
 def train(cfg: Config) -> dict[str, float]:

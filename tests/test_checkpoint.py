@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,6 +19,7 @@ class FakeAccelerator:
     """What save_checkpoint needs of accelerate, writing small files."""
 
     is_main_process = True
+    state = SimpleNamespace(deepspeed_plugin=None)  # no DeepSpeed: the hf/ weights are the model's own
 
     def __init__(self, fail_at: int | None = None):
         self.fail_at = fail_at
