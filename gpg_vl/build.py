@@ -14,9 +14,10 @@ from gpg_vl import distributed
 from gpg_vl.checkpoint import finish_interrupted, list_checkpoints, resolve_resume
 from gpg_vl.config import Config, TrainConfig
 from gpg_vl.evaluation import Part
+from gpg_vl.models.base import image_count
 from gpg_vl.models.policy import PolicyLogprobs
 from gpg_vl.rollout import Engine, HFEngine
-from gpg_vl.task import Prompt, Row, Task
+from gpg_vl.task import Row, Task
 
 
 def make_accelerator(t: TrainConfig):
@@ -121,22 +122,17 @@ def resume_point(accelerator, t: TrainConfig, shape: dict) -> Path | None:
     return found
 
 
-
-def make_engine(cfg: Config, adapter, task: Task, rows: list[Row], accelerator) -> Engine:
+def make_engine(cfg: Config, adapter, task: Task, rows: list[Row], eval_part: Part | None, accelerator) -> Engine:
     """The rollout engine rollout.engine names: the training model itself (hf), or a vLLM engine
-    in this process (vllm), sized for the most images a prompt of `rows` has."""
+    in this process (vllm), sized for the most images a prompt has (training `rows` of `task`,
+    and the held-out rows of the evaluated task)."""
     if cfg.rollout.engine == "hf":
         return HFEngine(adapter)
     from gpg_vl.vllm_engine import VLLMEngine
 
-    most = max((images_in(task.prompt(row)) for row in rows), default=0)
+    prompts = [task.prompt(row) for row in rows]
+    if eval_part is not None:
+        prompts += [eval_part.task.prompt(row) for row in eval_part.rows]
+    most = max(map(image_count, prompts), default=0)
     return VLLMEngine(adapter, cfg.model, cfg.rollout, max_images=most, rank=accelerator.process_index,
                       world_size=accelerator.num_processes)
-
-
-def images_in(prompt: Prompt) -> int:
-    """Images of a prompt: its {"type": "image"} parts (one per image, by the task contract)."""
-    if isinstance(prompt, str):
-        return 0
-    return sum(part.get("type") == "image" for message in prompt if not isinstance(message["content"], str)
-               for part in message["content"])

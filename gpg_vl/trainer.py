@@ -104,7 +104,7 @@ class Trainer:
         policy = PolicyLogprobs(self.adapter.model)
         self.model, self.optimizer = acc.prepare(policy, build.make_optimizer(policy, t))
         self.ref_model = build.load_reference(cfg, acc, dtype)  # after prepare: ZeRO-3 shards it likewise
-        self.engine = build.make_engine(cfg, self.adapter, self.task, self.train_rows + self.eval_rows, acc)
+        self.engine = build.make_engine(cfg, self.adapter, self.task, self.train_rows, self.eval_part, acc)
         self.phases = PhaseTimer(acc.device)
         self.state = TrainState()
         acc.register_for_checkpointing(self.stream, self.state)

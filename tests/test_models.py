@@ -15,7 +15,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 
 from gpg_vl.boxes import NormalizedBoxes, PixelBoxes, ResizedPixelBoxes, smart_resize
 from gpg_vl.models import SUPPORTED_MODEL_TYPES, UnsupportedModelError, load_adapter
-from gpg_vl.models.base import collate
+from gpg_vl.models.base import collate, image_count
 from gpg_vl.models.policy import PolicyLogprobs
 from gpg_vl.models.qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, QwenVLAdapter
 from gpg_vl.models.text import Qwen2Adapter
@@ -297,3 +297,10 @@ def test_processor_fallback_only_for_missing_torchvision(monkeypatch):
     monkeypatch.setattr(qwen_vl.AutoProcessor, "from_pretrained", fail("requires the Torchvision library"))
     processor = qwen_vl.load_processor(str(TINY_MODELS / "qwen2_vl"), qwen_vl.Qwen2VLProcessor, False)
     assert isinstance(processor, qwen_vl.Qwen2VLProcessor) and not hasattr(processor, "video_processor")
+
+
+def test_the_images_a_prompt_places_are_its_image_parts_or_markers():
+    chat = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"}]}]
+    assert image_count(chat) == 2 and image_count("a raw prompt") == 0
+    assert image_count(f"{IMAGE_MARKER} left, {IMAGE_MARKER} right: which is brighter?") == 2

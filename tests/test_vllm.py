@@ -21,7 +21,6 @@ import torch
 from PIL import Image
 
 from gpg_vl import algorithm as alg
-from gpg_vl.build import images_in
 from gpg_vl.config import ConfigError, load_config
 from gpg_vl.models import load_adapter
 from gpg_vl.models.base import collate
@@ -335,9 +334,3 @@ def test_completions_padded_into_the_rollout_record():
     assert out.completion_ids.tolist() == [[4, 5, 9], [6, 0, 0], [7, 8, 0]]
     assert out.completion_mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
     assert torch.equal(out.logprobs, torch.tensor([[-0.1, -0.2, -0.3], [-1.0, 0, 0], [-0.5, -0.25, 0]]))
-
-
-def test_images_of_a_prompt_are_its_image_parts():
-    chat = [{"role": "system", "content": "Be brief."},
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"}]}]
-    assert images_in(chat) == 2 and images_in("a raw prompt") == 0
