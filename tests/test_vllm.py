@@ -31,7 +31,7 @@ from gpg_vl.vllm_engine import VLLMEngine, check_runnable, engine_args, import_v
 
 ROOT = Path(__file__).resolve().parent.parent
 COIN = str(ROOT / "tests" / "plugins" / "coin_task.py")
-FAMILIES = ("qwen2", "qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("qwen2", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 MAX_PIXELS = 12544
 SMALL_KV = "rollout.vllm_kv_cache_gb=0.0625"  # 64 MiB: several engines live in this process
 TOLERANCE = 1e-4  # float32 log-probs, vLLM's kernels against the loss forward's
@@ -209,7 +209,7 @@ def optimizer_step(adapter, prompts) -> None:
     model.eval()
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_vl", "qwen3_vl"])
 def test_the_engine_samples_the_weights_pushed_after_an_optimizer_step(engines, family):
     adapter, engine = engines(family)
     prompts = prompts_of(adapter, long=True)
@@ -277,6 +277,11 @@ def test_an_architecture_vllm_lacks_is_refused(vllm_tiny, tmp_path):
     with pytest.raises(ConfigError, match="no implementation of .*Qwen2WithoutVLLMForCausalLM.*rollout.engine=hf"):
         check_runnable(import_vllm(), str(folder), False, on_gpu=False)
     check_runnable(import_vllm(), str(vllm_tiny / "qwen2_vl"), False, on_gpu=False)  # a runnable one passes
+
+
+def test_qwen3_vl_moe_is_refused_with_the_reason(vllm_tiny):
+    with pytest.raises(ConfigError, match="cannot serve .*qwen3_vl_moe.*fused expert weights.*rollout.engine=hf"):
+        check_runnable(import_vllm(), str(vllm_tiny / "qwen3_vl_moe"), False, on_gpu=False)
 
 
 def test_missing_vllm_says_what_to_install(monkeypatch):
