@@ -12,6 +12,7 @@ import torch
 
 from gpg_vl.checkpoint import list_checkpoints, resolve_resume
 from gpg_vl.config import Config, TrainConfig
+from gpg_vl.lora import configure_training, trainable_parameters
 from gpg_vl.models.policy import PolicyLogprobs
 from gpg_vl.rollout import Engine, HFEngine
 from gpg_vl.task import Prompt, Row, Task
@@ -32,14 +33,19 @@ def weights_dtype(cfg: Config, accelerator) -> str:
     return "bfloat16" if ds is not None and accelerator.mixed_precision == "bf16" else "float32"
 
 
-def load_policy(cfg: Config, dtype: str, gradient_checkpointing: bool):
-    """The model family's adapter around the checkpoint at model.path."""
+def load_policy(cfg: Config, dtype: str, gradient_checkpointing: bool, trained: bool = True):
+    """The model family's adapter around the checkpoint at model.path; `trained`: with the LoRA
+    adapters and frozen parts model.lora and model.freeze_vision_tower ask for (not the reference)."""
     from gpg_vl.models import load_adapter
 
     m = cfg.model
-    return load_adapter(m.path, dtype=dtype, max_pixels=m.max_pixels, min_pixels=m.min_pixels,
-                        attn_implementation=m.attn_implementation or None, trust_remote_code=m.trust_remote_code,
-                        gradient_checkpointing=gradient_checkpointing)
+    adapter = load_adapter(m.path, dtype=dtype, max_pixels=m.max_pixels, min_pixels=m.min_pixels,
+                           attn_implementation=m.attn_implementation or None, trust_remote_code=m.trust_remote_code,
+                           gradient_checkpointing=gradient_checkpointing)
+    if trained:
+        configure_training(adapter.model, m.lora, m.freeze_vision_tower)
+        adapter.lora = m.lora
+    return adapter
 
 
 def load_reference(cfg: Config, accelerator, dtype: str) -> PolicyLogprobs | None:
@@ -51,7 +57,7 @@ def load_reference(cfg: Config, accelerator, dtype: str) -> PolicyLogprobs | Non
     if ds is not None and ds.zero_stage == 3:
         raise ValueError("a KL reference model is not supported under ZeRO-3 yet: use the zero2 "
                          "launcher, or algorithm.kl_coef=0")
-    model = load_policy(cfg, dtype, gradient_checkpointing=False).model
+    model = load_policy(cfg, dtype, gradient_checkpointing=False, trained=False).model
     return PolicyLogprobs(model).to(accelerator.device).eval().requires_grad_(False)
 
 
@@ -65,7 +71,9 @@ def tell_deepspeed(accelerator, t: TrainConfig, group_size: int) -> None:
 
 
 def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=t.adam_betas, weight_decay=t.weight_decay)
+    """AdamW over what is trained (with LoRA or a frozen vision tower, not every weight)."""
+    return torch.optim.AdamW(trainable_parameters(model), lr=t.learning_rate, betas=t.adam_betas,
+                             weight_decay=t.weight_decay)
 
 
 def eval_rows(task: Task, cfg: Config, say) -> list[Row]:

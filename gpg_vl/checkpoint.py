@@ -6,7 +6,8 @@ checkpoints pruned. A folder without the completion marker is never resumed from
 
 Contents: accelerate's state (model, optimizer, every rank's RNG states, the prompt
 stream's position, the trainer's counters; DeepSpeed-aware) and, under `hf/`, the model
-and processor in Hugging Face format for evaluation or further training.
+and processor in Hugging Face format for evaluation or further training (LoRA merged into
+the weights); with LoRA also the adapter alone under `adapter/`, in peft's layout.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+
+from gpg_vl.lora import merged_state_dict, save_adapter
 
 DONE_MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"^step_(\d+)$")
@@ -64,7 +67,10 @@ def save_checkpoint(accelerator, model, adapter, output_dir: str | Path, step: i
     # The trained module wraps the Hugging Face model (gpg_vl.models.policy): its keys start "model.".
     state_dict = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(model).items()}
     if accelerator.is_main_process:
-        adapter.model.save_pretrained(tmp / "hf", state_dict=state_dict, safe_serialization=True)
+        adapter.model.save_pretrained(tmp / "hf", state_dict=merged_state_dict(state_dict, adapter.lora),
+                                      safe_serialization=True)
+        if adapter.lora.enabled:
+            save_adapter(adapter.model, state_dict, tmp / "adapter", adapter.model.name_or_path)
         adapter.save_processor(tmp / "hf")
         (tmp / DONE_MARKER).write_text(f"{step}\n")
         if final.exists():  # a checkpoint of the same step from an earlier, abandoned run

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from gpg_vl.algorithm import ADVANTAGE_NORMS, AGGREGATIONS, ALGORITHMS, DEFAULTS
+from gpg_vl.lora import LoraSettings
 from gpg_vl.task import TaskConfig
 
 
@@ -44,6 +45,10 @@ class ModelConfig:
     """Recompute activations in the backward pass to save memory."""
     trust_remote_code: bool = False
     """Allow a checkpoint to run its own Python code when loading (only for checkpoints you trust)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters (peft) on the language model; model.lora.rank > 0 turns them on (gpg_vl/lora.py)."""
+    freeze_vision_tower: bool = False
+    """Train without touching the vision tower and merger (full fine-tuning of the rest, or LoRA)."""
 
 
 @dataclass
@@ -147,6 +152,7 @@ class TrainConfig:
     """'latest' to continue from the newest checkpoint in output_dir, or a checkpoint folder."""
     tensorboard: bool = True
     """Also write TensorBoard event files."""
+
     plot: bool = True
     """Write curves.png (reward and accuracy against step) at the end."""
 
@@ -182,13 +188,20 @@ def help_text() -> str:
     """Every option as `section.name (default): doc`, for the CLI."""
     lines = []
     for section, cls in _sections().items():
-        hints = typing.get_type_hints(cls)
-        docs = field_docs(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {section}.{f.name} ({_type_name(hints[f.name])}, default {default!r})\n"
-                         f"      {docs.get(f.name, '')}")
+        lines += _help_lines(section, cls)
     return "\n".join(lines)
+
+
+def _help_lines(prefix: str, cls: type) -> list[str]:
+    hints, docs, lines = typing.get_type_hints(cls), field_docs(cls), []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(hints[f.name]):  # a group of options: model.lora.rank, ...
+            lines += _help_lines(f"{prefix}.{f.name}", hints[f.name])
+            continue
+        lines.append(f"  {prefix}.{f.name} ({_type_name(hints[f.name])}, default {default!r})\n"
+                     f"      {docs.get(f.name, '')}")
+    return lines
 
 
 def _type_name(tp: Any) -> str:
@@ -231,6 +244,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where} must be a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if origin is list:  # a YAML list, or one comma-separated string on the command line
+        items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v.strip() if isinstance(v, str) else v, inner, where) for v in items]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
@@ -248,7 +267,11 @@ def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
     if section not in sections:
         raise ConfigError(f"unknown config section {section!r}{_suggest(section, sections)}; "
                           f"sections: {', '.join(sections)}")
-    obj = getattr(cfg, section)
+    _set(getattr(cfg, section), section, key, value)
+
+
+def _set(obj: Any, section: str, key: str, value: Any) -> None:
+    """Set option `key` (dotted into groups: lora.rank) of the dataclass `obj`, named `section`."""
     cls = type(obj)
     names = [f.name for f in dataclasses.fields(cls)]
     head, _, rest = key.partition(".")
@@ -256,6 +279,15 @@ def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
         raise ConfigError(f"unknown option {section}.{head}{_suggest(head, names, section)}; "
                           f"`gpg-vl train --help` lists every option")
     tp = typing.get_type_hints(cls)[head]
+    if dataclasses.is_dataclass(tp):  # a group of options: model.lora.rank=8, or a mapping in YAML
+        if rest:
+            _set(getattr(obj, head), f"{section}.{head}", rest, value)
+            return
+        if not isinstance(value, dict):
+            raise ConfigError(f"{section}.{head} is a group of options: give a mapping, or set {section}.{head}.NAME")
+        for name, item in value.items():
+            _set(getattr(obj, head), f"{section}.{head}", name, item)
+        return
     if rest:  # a nested key into a dict option, e.g. task.options.kinds
         if typing.get_origin(tp) is not dict:
             raise ConfigError(f"{section}.{head} is not a mapping; cannot set {section}.{key}")
@@ -337,6 +369,8 @@ def validate(cfg: Config) -> None:
     _check(m.dtype in ("auto", "float32", "bfloat16", "float16"),
            f"model.dtype must be auto, float32, bfloat16 or float16, got {m.dtype!r}")
     _check(0 < m.min_pixels <= m.max_pixels, "model.min_pixels must be positive and at most model.max_pixels")
+    for problem in m.lora.check():
+        _check(False, problem)
     _check(t.prompts_per_device >= 1 and t.grad_accum >= 1, "train.prompts_per_device and train.grad_accum must be >= 1")
     _check(t.learning_rate > 0, "train.learning_rate must be > 0")
     _check(t.lr_schedule in ("linear", "cosine", "constant"),

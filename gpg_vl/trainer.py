@@ -25,6 +25,7 @@ from gpg_vl import build
 from gpg_vl.checkpoint import save_checkpoint
 from gpg_vl.config import Config, to_dict
 from gpg_vl.data import PromptStream
+from gpg_vl.lora import merged_state_dict
 from gpg_vl.metrics import PLOT_FILE, MetricsLogger, format_line, plot_curves, truncate_after
 from gpg_vl.models.base import collate
 from gpg_vl.models.policy import PolicyLogprobs
@@ -228,7 +229,8 @@ class Trainer:
         start (the weights resumed from), it gets the trainer's (ZeRO-3: gathered first)."""
         if self.engine.holds_weights:
             with self.phases("weight_sync"), generation_context(self.accelerator, self.model):
-                self.engine.load_weights(self.adapter.model.state_dict().items())
+                # LoRA merged in: vLLM is sent the plain model's weights under their own names.
+                self.engine.load_weights(merged_state_dict(self.adapter.model.state_dict(), self.adapter.lora).items())
 
     def _log_rank(self, batch: StepBatch, inv_alpha: float) -> None:
         """One line per step and rank: how the valid groups fell across ranks (the reference's

@@ -337,3 +337,43 @@ def test_images_of_a_prompt_are_its_image_parts():
     chat = [{"role": "system", "content": "Be brief."},
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"}]}]
     assert images_in(chat) == 2 and images_in("a raw prompt") == 0
+
+
+def test_merged_lora_weights_of_a_vision_model_serve_its_images(engines, vllm_tiny):
+    """Qwen3-VL with adapters (the vision tower left alone): the merged weights pushed, vLLM's
+    sampled-token log-probs equal the adapted model's loss forward over prompts with images."""
+    from gpg_vl.lora import LoraSettings, configure_training, merged_state_dict
+
+    base, engine = engines("qwen3_vl")
+    lora = LoraSettings(rank=4, alpha=16)
+    adapted = load_adapter(str(vllm_tiny / "qwen3_vl"), max_pixels=MAX_PIXELS)
+    adapted.model.load_state_dict(base.model.state_dict())
+    configure_training(adapted.model, lora, freeze_vision_tower=False)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in adapted.model.named_parameters():
+            if ".lora_" in name:
+                p.normal_(0.0, 0.5)
+    prompts = prompts_of(adapted)
+    try:
+        engine.load_weights(merged_state_dict(adapted.model.state_dict(), lora).items())
+        out = engine.generate(prompts, 4, SamplingSettings(6))
+        assert (out.logprobs - loss_logprobs(adapted, prompts, out, 4, 1.0)).abs().max() <= TOLERANCE
+        assert (out.logprobs - loss_logprobs(base, prompts, out, 4, 1.0)).abs().max() > 1e-3
+    finally:
+        engine.load_weights(base.model.state_dict().items())  # the module's engine as the other tests left it
+
+
+def test_a_lora_run_pushes_the_merged_weights(engines, vllm_tiny, tmp_path):
+    """vLLM gets W + (alpha / r) B A under the plain model's names: after LoRA steps it samples
+    what the trainer's adapted model computes, and no longer what the base weights do."""
+    from gpg_vl.trainer import Trainer
+
+    trainer = engines.keep(Trainer(config(
+        vllm_tiny / "qwen2", f"task.name={COIN}", "task.eval_split=", "algorithm.group_size=4", "rollout.engine=vllm",
+        "rollout.max_new_tokens=3", "train.prompts_per_device=2", "train.grad_accum=1", "train.learning_rate=0.05",
+        "train.max_steps=2", "model.lora.rank=4", "model.lora.alpha=16", f"train.output_dir={tmp_path}",
+        "train.tensorboard=false", "train.plot=false")))
+    trainer.fit()
+    assert engine_agrees_with(trainer, trainer.adapter) <= TOLERANCE
+    assert engine_agrees_with(trainer, load_adapter(str(vllm_tiny / "qwen2"))) > 1e-3
