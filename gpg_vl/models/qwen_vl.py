@@ -66,6 +66,15 @@ def set_pixel_limits(image_processor, min_pixels: int, max_pixels: int) -> None:
     image_processor.size = SizeDict(shortest_edge=min_pixels, longest_edge=max_pixels)
 
 
+def check_placeholders(text: str, n_images: int, image_token: str, index: int) -> None:
+    """Images fill a prompt's placeholders in order, one each: a count that differs is the
+    task's error, named here rather than deep inside the processor."""
+    found = text.count(image_token)
+    if found != n_images:
+        raise ValueError(f"prompt {index} has {found} image placeholder(s) and {n_images} image(s): a task's "
+                         f"prompt(row) needs one {{'type': 'image'}} part per image of images(row), in order")
+
+
 class QwenVLAdapter(ModelAdapter):
     """Shared code of the Qwen vision-language families."""
 
@@ -120,6 +129,8 @@ class QwenVLAdapter(ModelAdapter):
     def encode_batch(self, prompts: list[Prompt], images: list[list[Image.Image]]) -> list[EncodedPrompt]:
         # One processor call for the batch (much cheaper than one per prompt), split back into prompts.
         texts = [self.render(p) for p in prompts]
+        for n, (text, row_images) in enumerate(zip(texts, images)):
+            check_placeholders(text, len(row_images), self.processor.image_token, n)
         flat = [image for row in images for image in row]
         out = self.processor(text=texts, images=flat or None, padding=True, return_tensors="pt")
         grids = out.get("image_grid_thw")  # [images, 3]
