@@ -16,13 +16,16 @@ from gpg_vl.lora import configure_training, trainable_parameters
 from gpg_vl.models.policy import PolicyLogprobs
 from gpg_vl.rollout import Engine, HFEngine
 from gpg_vl.task import Prompt, Row, Task
+from gpg_vl.trackers import require_installed
 
 
 def make_accelerator(t: TrainConfig):
     from accelerate import Accelerator
 
     mixed = t.mixed_precision if t.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
-    return Accelerator(gradient_accumulation_steps=t.grad_accum, mixed_precision=mixed)
+    require_installed(t.report_to)
+    return Accelerator(gradient_accumulation_steps=t.grad_accum, mixed_precision=mixed,
+                       log_with=list(t.report_to) or None, project_dir=t.output_dir)
 
 
 def weights_dtype(cfg: Config, accelerator) -> str:

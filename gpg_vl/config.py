@@ -23,6 +23,7 @@ import yaml
 from gpg_vl.algorithm import ADVANTAGE_NORMS, AGGREGATIONS, ALGORITHMS, DEFAULTS
 from gpg_vl.lora import LoraSettings
 from gpg_vl.task import TaskConfig
+from gpg_vl.trackers import check_report_to
 
 
 class ConfigError(ValueError):
@@ -152,7 +153,14 @@ class TrainConfig:
     """'latest' to continue from the newest checkpoint in output_dir, or a checkpoint folder."""
     tensorboard: bool = True
     """Also write TensorBoard event files."""
-
+    report_to: list[str] = field(default_factory=list)
+    """Trackers that also get every metrics record, through accelerate: tensorboard, wandb, swanlab, mlflow, comet_ml, aim, clearml, dvclive, trackio (offline: WANDB_MODE=offline, SWANLAB_MODE=offline)."""
+    run_name: str = ""
+    """The run's name in the trackers; empty = the last part of output_dir."""
+    log_samples_every: int = 0
+    """Every this many steps, a table of sample completions (prompt, completion, reward, each component) to samples.jsonl and the trackers that take tables; 0 = off."""
+    log_samples: int = 2
+    """Groups in each sample table (every completion of each)."""
     plot: bool = True
     """Write curves.png (reward and accuracy against step) at the end."""
 
@@ -388,6 +396,9 @@ def validate(cfg: Config) -> None:
     _check(t.logprob_chunk >= 1 and t.log_every >= 1 and t.keep_checkpoints >= 1,
            "train.logprob_chunk, train.log_every and train.keep_checkpoints must be >= 1")
     _check(cfg.task.on_bad_row in ("error", "skip"), "task.on_bad_row must be 'error' or 'skip'")
+    _check(t.log_samples_every >= 0 and t.log_samples >= 1, "train.log_samples_every must be >= 0 and train.log_samples >= 1")
+    for problem in check_report_to(t.report_to, t.tensorboard):
+        _check(False, problem)
     _check(cfg.task.eval_size >= 0, "task.eval_size must be >= 0 (0 = the whole split)")
 
 

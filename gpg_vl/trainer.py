@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from gpg_vl import algorithm as alg
-from gpg_vl import build
+from gpg_vl import build, trackers
 from gpg_vl.checkpoint import save_checkpoint
 from gpg_vl.config import Config, to_dict
 from gpg_vl.data import PromptStream
@@ -120,6 +120,8 @@ class Trainer:
             acc.print(f"resumed from {resume_from} at step {self.state.step}")
         resume_step = self.state.step if resume_from is not None else None
         self.logger = MetricsLogger(t.output_dir, acc.is_main_process, t.tensorboard, resume_step)
+        trackers.start(acc, to_dict(self.cfg), t.output_dir, t.run_name or Path(t.output_dir).name)
+        self.samples = trackers.SamplesLog(t.output_dir, acc.is_main_process and t.log_samples_every > 0, resume_step)
         self.rank_log = Path(t.output_dir) / "ranks" / f"rank{acc.process_index}.jsonl"
         self.rank_log.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
@@ -232,6 +234,16 @@ class Trainer:
                 # LoRA merged in: vLLM is sent the plain model's weights under their own names.
                 self.engine.load_weights(merged_state_dict(self.adapter.model.state_dict(), self.adapter.lora).items())
 
+    def _log_samples(self, batch: StepBatch) -> None:
+        """Every train.log_samples_every steps: this rank's first groups, each completion with
+        its prompt and rewards, to samples.jsonl and the trackers (main process)."""
+        t, step = self.cfg.train, self.state.step + 1
+        if not (self.samples.enabled and step % t.log_samples_every == 0):
+            return
+        groups = batch.groups[:t.log_samples]
+        texts = [self.adapter.decode(g.completion_ids, g.completion_mask) for g in groups]
+        self.samples.write(self.accelerator, trackers.sample_rows(step, groups, texts, self.task.reward_components))
+
     def _log_rank(self, batch: StepBatch, inv_alpha: float) -> None:
         """One line per step and rank: how the valid groups fell across ranks (the reference's
         defect was that they fell unevenly and unseen)."""
@@ -325,6 +337,7 @@ class Trainer:
     def _evaluate_and_report(self, bar) -> dict[str, float]:
         values = self.evaluate()
         self.logger.log(self.state.step, values)
+        trackers.log(self.accelerator, self.state.step, values)
         if self.accelerator.is_main_process:
             bar.write(f"step {self.state.step:>4} | held-out greedy " +
                       " | ".join(f"{k[5:]} {v:.3f}" for k, v in values.items()))
@@ -338,6 +351,7 @@ class Trainer:
         # The learning rate of this step, from the budget used before it draws its data.
         lr = t.learning_rate * lr_factor(self.budget.progress(self.counters()), t.warmup_ratio, t.lr_schedule)
         batch = self.collect()
+        self._log_samples(batch)
         metrics = self.batch_metrics(batch)
         metrics.update(self.update(batch, lr))
         self.state.step += 1
@@ -360,6 +374,7 @@ class Trainer:
             samples_before = self.state.samples_generated
             metrics = self.step()
             self.logger.log(self.state.step, metrics)
+            trackers.log(acc, self.state.step, metrics)
             bar.update(self.budget.used(self.counters()) - bar.n)
             bar.set_postfix(step=self.state.step, reward=f"{metrics['reward/mean']:.3f}",
                             valid=f"{metrics['valid_fraction']:.2f}")
@@ -375,6 +390,7 @@ class Trainer:
                                 t.keep_checkpoints)
         bar.close()
         self.logger.close()
+        acc.end_training()
         if acc.is_main_process and t.plot:
             plot_curves(self.logger.path, Path(t.output_dir) / PLOT_FILE)
         return last_eval
