@@ -210,8 +210,9 @@ def trainer_config(shape: Shape, model: Path, steps: int, out: Path, engine: str
 
 def floor(trainer) -> dict[str, float]:
     """One plain batched generate of the step's B x G completions, one forward-backward over
-    the B x G full sequences (whole-vocabulary logits), one optimizer step: what any
-    implementation of the step must at least do, done the usual way."""
+    the B x G full sequences (logits kept for the completion positions only, as TRL keeps
+    them), one optimizer step: what any implementation of the step must at least do, done
+    the usual way."""
     import torch
 
     from gpg_vl.models.base import collate
@@ -238,7 +239,7 @@ def floor(trainer) -> dict[str, float]:
     full["mm_token_type_ids"] = torch.cat([batch.mm_token_type_ids, torch.zeros_like(ids)], 1)
     model.train()
     start = time.perf_counter()
-    logits = model(**full, use_cache=False).logits[:, width - 1:-1]
+    logits = model(**full, use_cache=False, logits_to_keep=ids.shape[1] + 1).logits[:, :-1]  # [N, T, V]
     advantages = torch.randn(ids.shape[0], 1, device=device)
     loss = -(advantages * token_logprobs(logits, ids)).mean()
     times["forward"] = time.perf_counter() - start

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from gpg_vl.checkpoint import list_checkpoints, resolve_resume
+from gpg_vl.checkpoint import finish_interrupted, list_checkpoints, resolve_resume
 from gpg_vl.config import Config, TrainConfig
 from gpg_vl.lora import configure_training, trainable_parameters
 from gpg_vl.models.policy import PolicyLogprobs
@@ -103,7 +103,9 @@ def drop_long_prompts(rows: list[Row], task: Task, adapter, limit: int) -> tuple
 
 
 def resume_point(accelerator, t: TrainConfig) -> Path | None:
-    """The checkpoint to continue from; a fresh start over an earlier run's checkpoints is refused."""
+    """The checkpoint to continue from, after finishing or cleaning what a kill interrupted; a
+    fresh start over an earlier run's checkpoints is refused."""
+    finish_interrupted(accelerator, t.output_dir)
     found = resolve_resume(t.output_dir, t.resume)
     if found is None and list_checkpoints(t.output_dir):
         raise FileExistsError(f"{t.output_dir} holds checkpoints of an earlier run: pass --resume "

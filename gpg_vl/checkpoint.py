@@ -2,7 +2,11 @@
 
 A checkpoint is written whole into `checkpoints/.tmp-step_N`, then renamed to
 `checkpoints/step_N` (a rename is atomic on one file system); only then are older
-checkpoints pruned. A folder without the completion marker is never resumed from.
+checkpoints pruned. A folder without the completion marker is never resumed from. A pruned
+checkpoint is first renamed to `.del-step_N`, then deleted, so that a kill while its files
+go leaves no half checkpoint among the complete ones. What a kill interrupts is finished at
+the next start (`finish_interrupted`): a save that had written its marker is renamed into
+place, a half-written one and a half-deleted one are removed.
 
 Contents: accelerate's state (model, optimizer, every rank's RNG states, the prompt
 stream's position, the trainer's counters; DeepSpeed-aware) and, under `hf/`, the model
@@ -20,6 +24,7 @@ from gpg_vl.lora import merged_state_dict, save_adapter
 
 DONE_MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"^step_(\d+)$")
+_TMP, _TRASH = ".tmp-", ".del-"
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -54,16 +59,56 @@ def resolve_resume(output_dir: str | Path, resume: str) -> Path | None:
     return path
 
 
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder, out of `list_checkpoints`' sight from the first moment."""
+    trash = path.with_name(_TRASH + path.name)
+    shutil.rmtree(trash, ignore_errors=True)
+    path.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def clean_interrupted(output_dir: str | Path) -> list[str]:
+    """Finish what a kill interrupted in the checkpoint folder; what was done, for the log."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    done = []
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(_TRASH):
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"finished deleting {path.name[len(_TRASH):]}")
+        elif path.name.startswith(_TMP):
+            final = root / path.name[len(_TMP):]
+            if (path / DONE_MARKER).exists():  # the save was whole; only the rename was left
+                if final.exists():
+                    remove_checkpoint(final)
+                path.rename(final)
+                done.append(f"finished saving {final.name}")
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+                done.append(f"removed the unfinished {final.name}")
+    return done
+
+
+def finish_interrupted(accelerator, output_dir: str | Path) -> None:
+    """`clean_interrupted` on the main process, before any rank looks for a checkpoint."""
+    if accelerator.is_main_process:
+        for line in clean_interrupted(output_dir):
+            accelerator.print(f"checkpoints: {line} (interrupted by the last run's end)")
+    accelerator.wait_for_everyone()
+
+
 def save_checkpoint(accelerator, model, adapter, output_dir: str | Path, step: int, keep: int) -> Path:
     """Write step_N atomically on the main process's file system; every rank must call this."""
     root = checkpoint_root(output_dir)
     final = root / f"step_{step:06d}"
-    tmp = root / f".tmp-step_{step:06d}"
+    tmp = root / f"{_TMP}{final.name}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every rank's files written before the marker says complete
     # The trained module wraps the Hugging Face model (gpg_vl.models.policy): its keys start "model.".
     state_dict = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(model).items()}
     if accelerator.is_main_process:
@@ -74,12 +119,12 @@ def save_checkpoint(accelerator, model, adapter, output_dir: str | Path, step: i
         adapter.save_processor(tmp / "hf")
         (tmp / DONE_MARKER).write_text(f"{step}\n")
         if final.exists():  # a checkpoint of the same step from an earlier, abandoned run
-            shutil.rmtree(final)
+            remove_checkpoint(final)
         tmp.rename(final)
         # Newer checkpoints belong to a run that was resumed from an earlier point: stale.
         done = list_checkpoints(output_dir)
         stale = [p for p in done if checkpoint_step(p) > step]
         for old in stale + [p for p in done if checkpoint_step(p) <= step][:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_checkpoint(old)
     accelerator.wait_for_everyone()
     return final

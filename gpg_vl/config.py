@@ -137,8 +137,8 @@ class TrainConfig:
     """Stop once this many completions were generated, resampling included, over all ranks (an equal budget for algorithms that generate different amounts per step); replaces the epochs, not to be set with max_steps; 0 = off."""
     mixed_precision: str = "auto"
     """auto (bf16 on GPU, none on CPU), no, bf16 or fp16."""
-    logprob_chunk: int = 64
-    """Completion positions per chunk when computing float32 log-probs."""
+    logprob_chunk: int = 16
+    """Completion positions the LM head takes at a time in the loss: its float32 logits hold N x chunk x vocabulary values (N completions of a micro-batch), forward and backward, whatever the completion length."""
     log_every: int = 1
     """Print a metrics line every this many steps."""
     eval_every: int = 0
@@ -400,6 +400,9 @@ def validate(cfg: Config) -> None:
     for problem in check_report_to(t.report_to, t.tensorboard):
         _check(False, problem)
     _check(cfg.task.eval_size >= 0, "task.eval_size must be >= 0 (0 = the whole split)")
+    _check(cfg.task.max_image_pixels >= 1, "task.max_image_pixels must be >= 1")
+    _check(cfg.task.reward_timeout_s > 0, f"task.reward_timeout_s must be > 0 seconds, got {cfg.task.reward_timeout_s}")
+    _check(cfg.task.reward_workers >= 0, "task.reward_workers must be >= 0 (0 = score in the trainer's process)")
 
 
 def to_dict(cfg: Config) -> dict:

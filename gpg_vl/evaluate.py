@@ -25,13 +25,15 @@ import torch
 
 from gpg_vl.eval_metrics import TOTAL, comparison_table, decode_rle, giou_ciou, mask_overlap, part_columns, \
     read_masks, summary_columns
-from gpg_vl.task import Row, ScoreContext, Task, TaskConfig, build_task
+from gpg_vl.rewards import REWARD_TIMEOUT_S
+from gpg_vl.scoring import Score, score_completions
+from gpg_vl.task import DEFAULT_MAX_IMAGE_PIXELS, Row, ScoreContext, Task, TaskConfig, build_task
 
 ITEMS, SUMMARY, TABLE, SETTINGS = "items.jsonl", "summary.json", "table.md", "settings.json"
 RANK_ITEMS = "items.rank{}.jsonl"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Settings that change no record: the others must match when a run continues in the same folder.
-NOT_RESUME_KEYS = ("output_dir", "name", "pred_masks")
+NOT_RESUME_KEYS = ("output_dir", "name", "pred_masks", "reward_workers")
 
 
 class EvalError(ValueError):
@@ -60,6 +62,12 @@ class EvalSettings:
     """An unusable data row: error (stop, naming it) or skip (drop and report the count)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Task options KEY=VALUE (YAML values; repeat --option), as task.options in training."""
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    """Largest image (width x height) a row may have; a larger one is a bad row (a guard against decompression bombs)."""
+    reward_timeout_s: float = REWARD_TIMEOUT_S
+    """Seconds one completion's reward may take; one that runs longer scores 0 and is flagged failed."""
+    reward_workers: int = 2
+    """Processes that score a batch's completions side by side; 0 = in this process (only symbolic checks time-limited)."""
     samples: int = 1
     """k completions per item: the first gives pass@1; k > 1 also reports mean@k (needs --temperature > 0)."""
     temperature: float = 0.0
@@ -104,6 +112,8 @@ class EvalSettings:
             raise EvalError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.on_bad_row not in ("error", "skip"):
             raise EvalError(f"on_bad_row must be error or skip, got {self.on_bad_row!r}")
+        if self.max_image_pixels < 1 or not self.reward_timeout_s > 0 or self.reward_workers < 0:
+            raise EvalError("need max_image_pixels >= 1, reward_timeout_s > 0 and reward_workers >= 0")
 
     @property
     def greedy(self) -> bool:
@@ -137,7 +147,9 @@ def load_parts(s: EvalSettings) -> list[Part]:
         for split in s.splits:
             name = split if not bench else bench if len(s.splits) == 1 else f"{bench}/{split}"
             config = TaskConfig(name=s.task, data_path=data, image_root=s.image_root, on_bad_row=s.on_bad_row,
-                                eval_split=split, eval_size=0, options=dict(s.options))
+                                eval_split=split, eval_size=0, max_image_pixels=s.max_image_pixels,
+                                reward_timeout_s=s.reward_timeout_s, reward_workers=s.reward_workers,
+                                options=dict(s.options))
             try:
                 task = build_task(config)
             except ValueError as err:  # a bad task option: the task's message says which
@@ -208,14 +220,15 @@ def load_model(s: EvalSettings, device: torch.device):
 # ---------------------------------------------------------------- records and resume
 
 
-def item_record(part: Part, index: int, row: Row, prompt: str, texts: list[str], ctx: ScoreContext) -> dict[str, Any]:
+def item_record(part: Part, index: int, row: Row, prompt: str, texts: list[str], scored: list[Score],
+                ctx: ScoreContext) -> dict[str, Any]:
     """Everything about one item: its prompt as the model read it, each completion, the answer
-    the task parsed from it and its score components. A reward or parser that raises scores 0
-    and is flagged in `failed`, never dropped."""
+    the task parsed from it and its score components (`scored`, one per completion, as
+    Task.safe_score gives them). A reward or parser that raises, or a reward that overran its
+    time limit, scores 0 and is flagged in `failed`, never dropped."""
     task = part.task
     scores, failed, answers = [], [], []
-    for text in texts:
-        components, ok = task.safe_score(text, row, ctx)
+    for text, (components, ok) in zip(texts, scored):
         try:
             answer = task.answer(text, row, ctx)
         except Exception:  # a parser failure is a recorded wrong answer, as a reward failure is
@@ -299,7 +312,8 @@ def run_batch(s: EvalSettings, adapter, ctx: ScoreContext, part: Part, items: ra
     prompts = encode_rows(adapter, part.task, rows)
     out = rollout(HFEngine(adapter), adapter, rows, prompts, s.samples, sampling)
     k = s.samples
-    return [item_record(part, i, row, prompt.text, out.texts[n * k:(n + 1) * k], ctx)
+    scored = score_completions(part.task, out.texts, [row for row in rows for _ in range(k)], ctx)
+    return [item_record(part, i, row, prompt.text, out.texts[n * k:(n + 1) * k], scored[n * k:(n + 1) * k], ctx)
             for n, (i, row, prompt) in enumerate(zip(items, rows, prompts))]
 
 
@@ -381,6 +395,7 @@ def part_summary(s: EvalSettings, part: Part, records: list[dict], masks: dict[s
                "reward_means": {c: sum(x[c] for r in records for x in r["scores"]) / (len(records) * s.samples)
                                 for c in task.reward_components},
                "failed": sum(sum(r["failed"]) for r in records),
+               "skipped_rows": task.skipped_rows(part.split),  # bad rows dropped at load (on_bad_row=skip)
                "no_answer": sum(a is None for r in records for a in r["answers"])}
     if masks is not None:
         extra, summary["masks_missing"] = mask_columns(part, records, masks)

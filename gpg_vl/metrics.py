@@ -1,13 +1,23 @@
-"""Step metrics: one JSON line per record, TensorBoard scalars, a console line, a PNG plot."""
+"""Step metrics: one JSON line per record, TensorBoard scalars, a console line, a PNG plot.
+
+A resumed run first drops what the killed run logged after its checkpoint. Every file is
+rewritten aside and then renamed over the old one, so a kill at any moment leaves the old
+history or the new one whole; the TensorBoard folder is compacted into one file holding each
+(tag, step) once, so that the resumed run's steps are not shown twice.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
+TENSORBOARD_DIR = "tensorboard"
+EVENTS_GLOB = "events.out.tfevents.*"
 
 
 class MetricsLogger:
@@ -21,15 +31,15 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
-            self.path.write_text("")
+            rewrite(self.path, "")
         else:
             truncate_after(self.path, resume_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step hides events at and after it: keep the resumed step's own events.
-            purge = None if resume_step is None else resume_step + 1
-            self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=purge)
+            folder = Path(output_dir) / TENSORBOARD_DIR
+            compact_events(folder, resume_step)
+            self._tb = SummaryWriter(str(folder))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -51,6 +61,16 @@ def _clean(v):
     return round(v, 6) if isinstance(v, float) and math.isfinite(v) else v
 
 
+def rewrite(path: Path, text: str) -> None:
+    """Replace the file's contents atomically: written aside, synced, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def truncate_after(path: Path, step: int) -> None:
     """Drop records past `step` (written by a run that died after its last checkpoint)."""
     if not path.exists():
@@ -62,7 +82,54 @@ def truncate_after(path: Path, step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError):  # a line torn by the crash
             continue
-    path.write_text("".join(line + "\n" for line in kept))
+    rewrite(path, "".join(line + "\n" for line in kept))
+
+
+def read_scalars(folder: Path, last_step: int) -> dict[tuple[str, int], tuple[float, object]]:
+    """(tag, step) -> (wall time, summary value) of every scalar at or before `last_step` in the
+    event files; where a step was logged twice (a run resumed before), the later one."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    latest: dict[tuple[str, int], tuple[float, object]] = {}
+    for file in sorted(folder.glob(EVENTS_GLOB)):
+        for record in RawEventFileLoader(str(file)).Load():  # a record torn by a kill ends the file
+            event = Event.FromString(record)
+            if not event.HasField("summary") or event.step > last_step:
+                continue
+            for value in event.summary.value:
+                key = (value.tag, event.step)
+                if key not in latest or event.wall_time >= latest[key][0]:
+                    latest[key] = (event.wall_time, value)
+    return latest
+
+
+def compact_events(folder: Path, last_step: int | None) -> None:
+    """Leave in `folder` one event file holding each scalar (tag, step) once, for the steps up
+    to `last_step` (None: a fresh run, nothing kept). It is written aside and renamed in, then
+    the old files are deleted: a kill in between leaves copies that the next start compacts."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    old = sorted(folder.glob(EVENTS_GLOB))
+    aside = folder / ".compacting"
+    shutil.rmtree(aside, ignore_errors=True)
+    kept = read_scalars(folder, last_step) if old and last_step is not None else {}
+    target = None
+    if kept:
+        writer = EventFileWriter(str(aside))
+        for (tag, step), (wall, value) in sorted(kept.items(), key=lambda kv: (kv[0][1], kv[1][0])):
+            writer.add_event(Event(wall_time=wall, step=step, summary=Summary(value=[value])))
+        writer.close()
+        # Named by the run's first wall time, so that it sorts before the file the run goes on writing.
+        target = folder / f"events.out.tfevents.{int(min(w for w, _ in kept.values())):010d}.compacted"
+        (written,) = aside.glob(EVENTS_GLOB)
+        os.replace(written, target)
+    for file in old:
+        if file != target:
+            file.unlink()
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

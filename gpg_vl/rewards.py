@@ -4,13 +4,16 @@ Pure functions of strings and numbers; they know nothing of tasks or models. Eac
 accept any string (empty, unicode, megabytes long) without raising or running for long, so
 whitespace runs in the regular expressions are matched possessively ("*+"): two plain "*"
 repeats of whitespace side by side would backtrack quadratically on a long run of spaces.
-The one exception to "pure": `symbolic_equal` runs math-verify in a worker process that it can
-kill, because a symbolic check can run for minutes on one adversarial answer.
+The one exception to "pure": `symbolic_equal` runs math-verify in a process that can be killed,
+because a symbolic check can run for minutes on one adversarial answer: in a reward worker of
+gpg_vl.scoring (which the pool kills when a completion overruns), or else in a worker process
+of its own, killed at its time limit.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import math
 import os
@@ -22,7 +25,7 @@ import threading
 import time
 import unicodedata
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Callable, NoReturn, Sequence, Union
 
 from gpg_vl.boxes import Box, Size
 
@@ -232,43 +235,80 @@ def last_boxed(text: str) -> str | None:
     return m.group(1) if m else None
 
 
+REWARD_TIMEOUT_S = 1.0
+"""Default seconds one completion's reward may take (task.reward_timeout_s): symbolic checks
+that take longer are on adversarial answers, not on the short final answers of real ones."""
 SYMBOLIC_MAX_CHARS = 1000
 """Longer answers are scored wrong without parsing: a final answer is short, and sympy's time
 grows fast with the length of what it parses."""
-_WORKER_MEMORY = 2 << 30  # bytes of address space: a runaway allocation fails in the worker, not the machine
+_WORKER_MEMORY = 2 << 30  # bytes of address space a checking process may add to what it holds at start
 _WORKER_START_S = 120.0  # importing sympy on a busy machine; not part of any answer's time limit
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of a worker interpreter: gpg_vl importable, one BLAS/OpenMP thread (the
+    trainer's cores are not the workers' to share out)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1"}
+
+
+def limit_memory(extra_bytes: int) -> None:
+    """Let this process's address space grow by at most `extra_bytes`: a runaway allocation
+    (sympy expanding 9^{9^{9^9}}) then fails here with MemoryError instead of taking the machine."""
+    import resource
+
+    try:
+        with open("/proc/self/statm") as f:  # Linux; elsewhere the time limit alone holds
+            now = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        resource.setrlimit(resource.RLIMIT_AS, (now + extra_bytes, now + extra_bytes))
+    except (OSError, ValueError):
+        pass
+
+
+@functools.cache
+def _math_verify():
+    import logging
+
+    from math_verify import parse, verify
+
+    # The process is killed on overrun; math-verify's own SIGALRM timeouts are off and their
+    # "timeout is disabled" warnings with them.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    return parse, verify
+
+
+@functools.lru_cache(maxsize=4096)  # the same gold answer is parsed once per group, not G times
+def _parsed(answer: str):
+    parse, _ = _math_verify()
+    return parse("\\boxed{" + answer + "}", parsing_timeout=None)
+
+
+def _verify_here(pred: str, gold: str) -> bool:
+    """math-verify's verdict, computed in this process, with no time limit of its own."""
+    try:
+        gold_parsed, pred_parsed = _parsed(gold), _parsed(pred)
+        return bool(gold_parsed) and bool(pred_parsed) and _math_verify()[1](gold_parsed, pred_parsed,
+                                                                               timeout_seconds=None)
+    except Exception:  # MemoryError and RecursionError included: a failed check is a wrong answer
+        return False
 
 
 def _serve_symbolic() -> None:
     """Worker loop: one JSON request {"pred", "gold"} per input line, one "1"/"0" per output line."""
-    import functools
-    import logging
-    import resource
-
-    try:
-        resource.setrlimit(resource.RLIMIT_AS, (_WORKER_MEMORY, _WORKER_MEMORY))
-    except (ValueError, OSError):  # some systems refuse the limit; the parent's timeout still holds
-        pass
-    from math_verify import parse, verify
-
-    # The parent kills this process on timeout; math-verify's own SIGALRM timeouts are off
-    # and their "timeout is disabled" warnings with them.
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    limit_memory(_WORKER_MEMORY)
+    if not warm_symbolic():  # before "ready": no answer's time limit goes on the first check's set-up
+        sys.exit("math-verify is not installed")
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # a stray print from sympy must not be read as a reply
-
-    @functools.lru_cache(maxsize=4096)  # the same gold answer is parsed once per group, not G times
-    def parsed(s: str):
-        return parse("\\boxed{" + s + "}", parsing_timeout=None)
-
     replies.write("ready\n")
     replies.flush()
     for line in sys.stdin:
         try:
             req = json.loads(line)
-            gold, pred = parsed(req["gold"]), parsed(req["pred"])
-            ok = bool(gold) and bool(pred) and verify(gold, pred, timeout_seconds=None)
-        except Exception:  # MemoryError and RecursionError included: a failed check is a wrong answer
+            ok = _verify_here(req["pred"], req["gold"])
+        except (ValueError, KeyError, TypeError):
             ok = False
         replies.write("1\n" if ok else "0\n")
         replies.flush()
@@ -288,11 +328,9 @@ class _SymbolicWorker:
         self.lock = threading.Lock()
 
     def _spawn(self) -> None:
-        root = str(Path(__file__).resolve().parent.parent)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from gpg_vl.rewards import _serve_symbolic; _serve_symbolic()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=subprocess_env())
         self.ready = False
 
     def _start(self) -> None:
@@ -345,14 +383,44 @@ class _SymbolicWorker:
 
 _SYMBOLIC = _SymbolicWorker()
 atexit.register(_SYMBOLIC.stop)
+_request_warm: Callable[[], NoReturn] | None = None  # set in a reward worker
+_warm = False  # math-verify imported and run once in this process (or in the one it was forked from)
 
 
-def symbolic_equal(pred: str, gold: str, timeout_s: float = 5.0) -> bool:
+def check_symbolic_here(request_warm: Callable[[], NoReturn]) -> None:
+    """From now on run symbolic checks in this process: a reward worker of gpg_vl.scoring, which
+    the pool kills when a completion overruns its limit. `request_warm()` is called, and does
+    not return, when math-verify is not warm here yet: the pool then runs `warm_symbolic` once,
+    in the process its workers are forked from, and scores the completion again in a fresh
+    fork, so that no completion's time limit goes on importing sympy or building its parsers."""
+    global _request_warm
+    _request_warm = request_warm
+
+
+def warm_symbolic() -> bool:
+    """Import math-verify and run one check (the first builds its parsers), so that this process
+    and its forks check at full speed from the first answer; False when math-verify is missing."""
+    global _warm
+    try:
+        _math_verify()
+    except ImportError:
+        return False
+    _verify_here("1/2", "0.5")
+    _warm = True
+    return True
+
+
+def symbolic_equal(pred: str, gold: str, timeout_s: float = REWARD_TIMEOUT_S) -> bool:
     """True iff math-verify finds `pred` equal to `gold` (both LaTeX answers without the box,
-    e.g. "\\frac{\\sqrt2}{2}" and "\\sqrt{2}/2") within `timeout_s` seconds. A check that runs
-    longer, fails, or gets an empty or over-long answer is False; this function never hangs
-    and never raises, except when the worker cannot start at all (math-verify missing)."""
+    e.g. "\\frac{\\sqrt2}{2}" and "\\sqrt{2}/2") within `timeout_s` seconds (in a reward worker:
+    within the pool's limit for the whole completion). A check that runs longer, fails, or gets
+    an empty or over-long answer is False; this function never hangs and never raises, except
+    when the worker cannot start at all (math-verify missing)."""
     pred, gold = pred.strip(), gold.strip()
     if not pred or not gold or len(pred) > SYMBOLIC_MAX_CHARS or len(gold) > SYMBOLIC_MAX_CHARS:
         return False
+    if _request_warm is not None:
+        if not _warm:
+            _request_warm()
+        return _verify_here(pred, gold)
     return _SYMBOLIC.check(pred, gold, timeout_s)

@@ -22,6 +22,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from gpg_vl.models.base import EncodedPrompt, collate, continued_positions, squeeze_axes
+from gpg_vl.scoring import score_completions
 from gpg_vl.task import Row, ScoreContext, Task
 
 TOP_P_FIRST_K = 64  # nucleus search starts among this many most likely tokens (exact: it widens as needed)
@@ -75,7 +76,7 @@ class Scored(NamedTuple):
     components: dict[str, Tensor]
     """name -> [N] each reward component."""
     failures: int
-    """Completions whose reward raised (scored 0)."""
+    """Completions whose reward raised or overran task.reward_timeout_s (scored 0)."""
 
 
 class Engine(Protocol):
@@ -260,11 +261,12 @@ def rollout(engine: Engine, adapter, rows: list[Row], prompts: list[EncodedPromp
 
 
 def score(task: Task, rollout: Rollout, ctx: ScoreContext, group_size: int) -> Scored:
-    """Reward every completion; a reward that raises scores 0 and is counted."""
+    """Reward every completion, in the task's reward workers (gpg_vl/scoring.py); a reward that
+    raises or overruns its time limit scores 0 and is counted."""
     values = {k: [] for k in task.reward_components}
     totals, failures = [], 0
-    for i, text in enumerate(rollout.texts):
-        comps, ok = task.safe_score(text, rollout.rows[i // group_size], ctx)
+    rows = [rollout.rows[i // group_size] for i in range(len(rollout.texts))]
+    for comps, ok in score_completions(task, rollout.texts, rows, ctx):
         failures += not ok
         totals.append(task.total_reward(comps))
         for k, v in comps.items():

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Sequence, Union
 from PIL import Image
 
 from gpg_vl.boxes import BoxConvention
+from gpg_vl.rewards import REWARD_TIMEOUT_S
 
 Row = dict[str, Any]
 # A chat: [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}].
@@ -34,6 +35,7 @@ Row = dict[str, Any]
 Prompt = Union[list[dict[str, Any]], str]
 
 ENTRY_POINT_GROUP = "gpg_vl.tasks"
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default limit (Image.MAX_IMAGE_PIXELS)
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "tasks"
 
 
@@ -71,12 +73,18 @@ class TaskConfig:
     """Folder that image paths in the data are relative to; empty = the data file's folder."""
     on_bad_row: str = "error"
     """An unusable row: 'error' stops naming the file and row; 'skip' drops it and reports the count."""
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    """Largest image (width x height, before resizing) a row may have; a larger one is a bad row (a guard against decompression bombs)."""
     train_split: str = "train"
     """Split used for training."""
     eval_split: str = "test"
     """Split used for held-out greedy evaluation during training; empty = no evaluation."""
     eval_size: int = 64
     """Rows of the evaluation split scored at each evaluation (0 = all)."""
+    reward_timeout_s: float = REWARD_TIMEOUT_S
+    """Seconds one completion's reward may take (a symbolic check, say); one that runs longer scores 0 and is counted in reward_failures."""
+    reward_workers: int = 2
+    """Processes that score a batch's completions side by side, each stopped at reward_timeout_s; 0 = score in the trainer's process (then only symbolic checks are time-limited)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Task-specific settings, documented in the task's class docstring."""
 
@@ -98,6 +106,14 @@ class Task(ABC):
 
     def __init__(self, config: TaskConfig):
         self.config = config
+        self.load_reports: dict[str, Any] = {}
+        """split -> the gpg_vl.datafiles.LoadReport of each split read from files."""
+
+    def skipped_rows(self, split: str) -> int:
+        """Bad rows dropped (task.on_bad_row=skip) when `split` was read; 0 for a split not read
+        yet or not read from files."""
+        report = self.load_reports.get(split)
+        return report.skipped if report is not None else 0
 
     @abstractmethod
     def rows(self, split: str) -> Sequence[Row]:

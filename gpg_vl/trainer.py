@@ -32,6 +32,7 @@ from gpg_vl.models.policy import PolicyLogprobs
 from gpg_vl.records import Group, GroupStats, StepBatch, TrainState, pad_stack, split_groups
 from gpg_vl.rollout import SamplingSettings, encode_rows, rollout, score
 from gpg_vl.schedule import Budget, Counters, eval_due, lr_factor
+from gpg_vl.scoring import start_reward_workers
 from gpg_vl.task import ScoreContext, Task, build_task
 
 
@@ -83,6 +84,7 @@ class Trainer:
         self.adapter = build.load_policy(cfg, dtype, cfg.model.gradient_checkpointing)
         self.ctx = ScoreContext(boxes=self.adapter.box_convention)
         self._load_rows()
+        start_reward_workers(self.task)  # after every split is read: the workers get a copy of the task
         self.local_groups = t.prompts_per_device * t.grad_accum
         self.stream = PromptStream(len(self.train_rows), self.local_groups * acc.num_processes, t.seed,
                                    acc.process_index, acc.num_processes)
@@ -107,8 +109,12 @@ class Trainer:
                                                             limit)
         self.eval_rows, eval_too_long = build.drop_long_prompts(
             build.eval_rows(self.task, self.cfg, self.accelerator.print), self.task, self.adapter, limit)
+        # The rows used, the bad rows dropped (task.on_bad_row=skip) and, under a limit, the prompts over it.
         self.data_counts = {"data/train_rows": len(self.train_rows), "data/eval_rows": len(self.eval_rows),
-                            "data/prompts_over_limit": too_long + eval_too_long}
+                            "data/train_rows_skipped": self.task.skipped_rows(split),
+                            "data/eval_rows_skipped": self.task.skipped_rows(self.cfg.task.eval_split)}
+        if limit > 0:
+            self.data_counts["data/prompts_over_limit"] = too_long + eval_too_long
         if too_long + eval_too_long:
             self.accelerator.print(f"skipped {too_long} training and {eval_too_long} held-out prompts longer than "
                                    f"rollout.max_prompt_tokens={limit} tokens")

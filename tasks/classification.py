@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Sequence
 
 from PIL import Image, ImageDraw
 
-from gpg_vl.datafiles import BadRowError, ImageRowTask, load_rows, open_image
+from gpg_vl.datafiles import BadRowError, ImageRowTask, load_split, open_image
 from gpg_vl.rewards import extract_tag, has_think_answer_format
 from gpg_vl.task import Prompt, Row, ScoreContext, TaskConfig, image_chat, register_task
 
@@ -227,8 +227,7 @@ class ClassificationTask(ImageRowTask):
         return {"image": image_ref(record["image"], root), "problem": problem, "answer": gold}
 
     def _load(self, split: str) -> list[Row]:
-        rows, _ = load_rows(self.data_path, split, self._convert, self.config.on_bad_row, self.config.image_root)
-        return rows
+        return load_split(self, self.data_path, split, self._convert)
 
     def rows(self, split: str) -> list[Row]:
         if self._matcher is None:

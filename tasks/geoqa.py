@@ -11,23 +11,15 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from gpg_vl.datafiles import BadRowError, ImageRowTask, load_rows, open_image
+from gpg_vl.datafiles import BadRowError, ImageRowTask, load_split, open_image
 from gpg_vl.rewards import extract_tag, has_think_answer_format, normalize_number, numbers_match, symbolic_equal
 from gpg_vl.task import Prompt, Row, ScoreContext, TaskConfig, image_chat, register_task
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "assets" / "samples" / "geoqa"
 TEMPLATE = ("{question}  Output the thinking process in <think> </think> and final answer (number) "
             "in <answer> </answer> tags.")
-DEFAULTS: dict[str, Any] = {"symbolic_timeout_s": 5.0}
 # Unicode a model or the data may write, as the LaTeX that math-verify reads.
 LATEX = {"°": "", "√": "\\sqrt", "π": "\\pi", "∠": ""}
-
-
-def _checked_options(opts: dict[str, Any]) -> dict[str, Any]:
-    t = opts["symbolic_timeout_s"]
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
-        raise ValueError(f"geoqa: option symbolic_timeout_s must be a number of seconds > 0, got {t!r}")
-    return opts
 
 
 def _text(record: dict[str, Any], field: str) -> str:
@@ -74,26 +66,23 @@ class GeoQATask(ImageRowTask):
 
     Reward: "accuracy" is 1 when the last <answer>...</answer> holds the ground truth, compared as
     numbers first ("140", "140°", " 140 " and "140 degrees" all match "140°", relative tolerance
-    1e-4) and otherwise symbolically with math-verify ("2\\sqrt{3}" matches "\\sqrt{12}") under a
-    time limit; "format" is 1 for the whole completion being <think>...</think><answer>...</answer>.
+    1e-4) and otherwise symbolically with math-verify ("2\\sqrt{3}" matches "\\sqrt{12}") under the
+    time limit task.reward_timeout_s; "format" is 1 for the whole completion being <think>...</think><answer>...</answer>.
     The training reward is their sum.
 
-    Options (`task.options`):
-      symbolic_timeout_s: float > 0, seconds one symbolic check may take before it scores 0;
-        default 5.
+    Options: none.
     """
 
     reward_components = ("accuracy", "format")
 
     def __init__(self, config: TaskConfig):
         super().__init__(config)
-        self.timeout_s = float(_checked_options(self.options_with_defaults(DEFAULTS))["symbolic_timeout_s"])
+        self.options_with_defaults({})  # geoqa takes no options
         self._rows: dict[str, list[Row]] = {}
 
     def rows(self, split: str) -> list[Row]:
         if split not in self._rows:
-            c = self.config
-            self._rows[split], _ = load_rows(c.data_path or str(SAMPLE_DIR), split, convert, c.on_bad_row, c.image_root)
+            self._rows[split] = load_split(self, self.config.data_path or str(SAMPLE_DIR), split, convert)
         return self._rows[split]
 
     def prompt(self, row: Row) -> Prompt:
@@ -107,7 +96,7 @@ class GeoQATask(ImageRowTask):
             return False  # two different plain numbers: nothing symbolic left to find
         for uni, tex in LATEX.items():
             answer, gold = answer.replace(uni, tex), gold.replace(uni, tex)
-        return symbolic_equal(answer, gold, self.timeout_s)
+        return symbolic_equal(answer, gold, self.config.reward_timeout_s)
 
     def answer(self, completion: str, row: Row, ctx: ScoreContext) -> str | None:
         """The content of the last <answer>...</answer>."""

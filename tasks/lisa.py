@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from gpg_vl.datafiles import BadRowError, ImageRowTask, LoadReport, SUFFIXES, load_rows, open_image
+from gpg_vl.datafiles import ROW_ERRORS, SUFFIXES, BadRowError, ImageRowTask, LoadReport, load_split, open_image, \
+    pixel_cap
 from gpg_vl.eval_metrics import MASK_IGNORE
 from gpg_vl.rewards import box_giou, box_iou, extract_tag, has_think_answer_format, parse_box
 from gpg_vl.task import Prompt, Row, ScoreContext, TaskConfig, image_chat, register_task
@@ -145,14 +146,15 @@ def reasonseg_record(annotation: Path) -> dict[str, Any]:
             "shapes": data["shapes"]}
 
 
-def load_reasonseg(folder: Path, on_bad_row: str) -> list[Row]:
+def load_reasonseg(folder: Path, on_bad_row: str, max_pixels: int) -> tuple[list[Row], LoadReport]:
     """Rows of a raw ReasonSeg split folder, bad images named (error) or counted (skip)."""
     report, rows = LoadReport(str(folder)), []
     for annotation in sorted(folder.glob("*.json")):
         report.read += 1
         try:
-            rows.append(convert(reasonseg_record(annotation), folder))
-        except (BadRowError, KeyError, TypeError, ValueError) as err:
+            with pixel_cap(max_pixels):
+                rows.append(convert(reasonseg_record(annotation), folder))
+        except ROW_ERRORS as err:
             reason = f"missing field {err}" if isinstance(err, KeyError) else str(err)
             if on_bad_row != "skip":
                 raise BadRowError(f"{annotation}: {reason} (set task.on_bad_row=skip to drop such rows)") from err
@@ -163,7 +165,7 @@ def load_reasonseg(folder: Path, on_bad_row: str) -> list[Row]:
         raise BadRowError(f"{folder}: no usable images ({report})")
     if report.skipped:
         warnings.warn(str(report), stacklevel=2)
-    return rows
+    return rows, report
 
 
 @register_task("lisa")
@@ -205,9 +207,9 @@ class LisaTask(ImageRowTask):
             c = self.config
             raw = Path(self.data_path).expanduser() / split
             if raw.is_dir() and not any((raw.parent / f"{split}{s}").is_file() for s in SUFFIXES):
-                images = load_reasonseg(raw, c.on_bad_row)
+                images, self.load_reports[split] = load_reasonseg(raw, c.on_bad_row, c.max_image_pixels)
             else:
-                images, _ = load_rows(self.data_path, split, convert, c.on_bad_row, c.image_root)
+                images = load_split(self, self.data_path, split, convert)
             self._rows[split] = [
                 {"id": f"lisa-{split}-{i}-{k}", "image": g["image"], "image_size": g["image_size"],
                  "instruction": text, "box": g["box"], "shapes": g["shapes"]}

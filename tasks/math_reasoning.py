@@ -14,12 +14,11 @@ import random
 from pathlib import Path
 from typing import Any
 
-from gpg_vl.datafiles import BadRowError, load_rows
+from gpg_vl.datafiles import BadRowError, load_split
 from gpg_vl.rewards import last_boxed, symbolic_equal
 from gpg_vl.task import Prompt, Row, ScoreContext, Task, TaskConfig, register_task
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
-DEFAULTS: dict[str, Any] = {"symbolic_timeout_s": 5.0}
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 # SimpleRL-Zoo's `input` field: the question already inside Qwen's chat template.
 SIMPLERL_INPUT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{question}\n"
@@ -73,21 +72,15 @@ def _chat(messages: Any) -> list[dict[str, str]]:
 
 
 class _MathTask(Task):
-    """Shared by both recipes: rows from local files or the hub, options, the symbolic check."""
+    """Shared by both recipes: rows from local files or the hub, the symbolic check."""
 
     sample: str = ""
     metric_label = "pass@1"
 
     def __init__(self, config: TaskConfig):
         super().__init__(config)
-        self.timeout_s = self._checked_timeout(config.options)
+        self.options_with_defaults({})  # no options: the time limit is task.reward_timeout_s
         self._rows: dict[str, list[Row]] = {}
-
-    def _checked_timeout(self, options: dict[str, Any]) -> float:
-        t = self.options_with_defaults(DEFAULTS)["symbolic_timeout_s"]
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
-            raise ValueError(f"{self.name}: option symbolic_timeout_s must be a number of seconds > 0, got {t!r}")
-        return float(t)
 
     @staticmethod
     def convert(record: dict[str, Any], root: Path | None) -> Row:
@@ -95,9 +88,8 @@ class _MathTask(Task):
 
     def rows(self, split: str) -> list[Row]:
         if split not in self._rows:
-            c = self.config
-            path = c.data_path or str(SAMPLES / self.sample)
-            self._rows[split], _ = load_rows(path, split, self.convert, c.on_bad_row, c.image_root)
+            path = self.config.data_path or str(SAMPLES / self.sample)
+            self._rows[split] = load_split(self, path, split, self.convert)
         return self._rows[split]
 
     def prompt(self, row: Row) -> Prompt:
@@ -110,7 +102,7 @@ class _MathTask(Task):
 
     def correct(self, completion: str, row: Row, ctx: ScoreContext) -> bool:
         answer = self.answer(completion, row, ctx)
-        return answer is not None and symbolic_equal(answer, row["answer"], self.timeout_s)
+        return answer is not None and symbolic_equal(answer, row["answer"], self.config.reward_timeout_s)
 
 
 @register_task("math")
@@ -129,9 +121,7 @@ class MathTask(_MathTask):
     Reward: "accuracy" is 1 when the completion's last \\boxed{...} verifies against the gold
     with math-verify under a time limit, else 0. No format reward.
 
-    Options (`task.options`):
-      symbolic_timeout_s: float > 0, seconds one symbolic check may take before it scores 0;
-        default 5.
+    Options: none.
     """
 
     sample = "math"
@@ -187,9 +177,7 @@ class MathRSTask(_MathTask):
         weight 0: the headline metric, already inside "cosine".
     So the training reward is format + 2 x cosine, as open-rs weighted its two rewards.
 
-    Options (`task.options`):
-      symbolic_timeout_s: float > 0, seconds one symbolic check may take before it scores 0;
-        default 5.
+    Options: none.
     """
 
     sample = "math_rs"

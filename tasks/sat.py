@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from PIL import Image, ImageDraw
 
-from gpg_vl.datafiles import BadRowError, ImageRowTask, load_rows, open_image
+from gpg_vl.datafiles import BadRowError, ImageRowTask, load_split, open_image
 from gpg_vl.rewards import exact_choice, extract_tag, has_think_answer_format
 from gpg_vl.task import Prompt, Row, ScoreContext, TaskConfig, image_chat, register_task
 
@@ -140,8 +140,7 @@ class ChoiceTask(ImageRowTask):
         self._rows: dict[str, list[Row]] = {}
 
     def read(self, data_path: str, split: str, convert: Callable, max_rows: int = 0) -> list[Row]:
-        c = self.config
-        rows, _ = load_rows(data_path, split, convert, c.on_bad_row, c.image_root, max_rows)
+        rows = load_split(self, data_path, split, convert, max_rows)
         return [{"id": f"{self.name}-{split}-{i}", **r} for i, r in enumerate(rows)]
 
     def prompt(self, row: Row) -> Prompt:

@@ -40,6 +40,9 @@ def test_algorithm_defaults_resolve_per_algorithm():
     ("rollout.temperature=0", "temperature must be > 0"),
     ("task.eval_size=-1", "eval_size must be >= 0"),
     ("task.on_bad_row=ignore", "'error' or 'skip'"),
+    ("task.max_image_pixels=0", "max_image_pixels must be >= 1"),
+    ("task.reward_timeout_s=0", "reward_timeout_s must be > 0 seconds"),
+    ("task.reward_workers=-1", "reward_workers must be >= 0"),
     ("max_steps=3", "section.option=value"),
 ])
 def test_bad_values_say_how_to_fix(override, fragment):

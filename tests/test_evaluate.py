@@ -14,6 +14,7 @@ import gpg_vl.evaluate as ev
 from gpg_vl.cli import main
 from gpg_vl.eval_metrics import encode_rle
 from gpg_vl.evaluate import EvalError, EvalSettings, Part, evaluate, item_record
+from gpg_vl.scoring import score_completions
 from gpg_vl.task import ScoreContext, Task, TaskConfig, build_task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +73,9 @@ def test_a_record_holds_the_prompt_the_parsed_box_and_the_score():
     gold = adapter.box_convention.from_pixels(tuple(row["box"]), tuple(row["image_size"]))  # the 0-1000 grid
     right = f"<think>it is there</think> <answer>({gold[0]},{gold[1]}),({gold[2]},{gold[3]})</answer>"
     prompt = adapter.encode(task.prompt(row), task.images(row)).text
-    record = item_record(Part("test", "test", "", task, [row]), 0, row, prompt, [right, "no idea"], ctx)
+    texts = [right, "no idea"]
+    record = item_record(Part("test", "test", "", task, [row]), 0, row, prompt, texts,
+                         score_completions(task, texts, [row] * 2, ctx), ctx)
     assert record["prompt"] == adapter.render(task.prompt(row)) and "Output the bounding box" in record["prompt"]
     assert record["id"] == row["id"] and record["completions"] == [right, "no idea"]
     assert record["answers"][0] == pytest.approx(row["box"], abs=0.1) and record["answers"][1] is None
@@ -104,10 +107,11 @@ def test_a_failing_reward_or_parser_is_a_flagged_zero():
     from gpg_vl.models import load_adapter
 
     adapter = load_adapter(str(TINY / "qwen2"))
-    task = Brittle(TaskConfig(name="brittle"))
-    row = task.rows("test")[0]
-    record = item_record(Part("test", "test", "", task, [row]), 0, row, "q", ["yes", "boom", "YES"],
-                         ScoreContext(boxes=adapter.box_convention))
+    task = Brittle(TaskConfig(name="brittle", reward_workers=0))  # the pool's own failures: tests/test_scoring.py
+    row, ctx = task.rows("test")[0], ScoreContext(boxes=adapter.box_convention)
+    texts = ["yes", "boom", "YES"]
+    scored = score_completions(task, texts, [row] * 3, ctx)
+    record = item_record(Part("test", "test", "", task, [row]), 0, row, "q", texts, scored, ctx)
     assert [s["accuracy"] for s in record["scores"]] == [1.0, 0.0, 0.0]
     assert record["failed"] == [False, True, True] and record["answers"] == ["yes", "boom", None]
 
@@ -171,6 +175,18 @@ def test_lisa_splits_and_a_math_suite_side_by_side(tmp_path):
     summary = evaluate(settings(tmp_path / "math", "math", "qwen2", benchmarks=suite, limit=2))
     assert list(summary["columns"]) == ["aime24 pass@1", "amc23 pass@1", "average pass@1"]
     assert [r["part"] for r in items(tmp_path / "math")] == ["aime24", "aime24", "amc23", "amc23"]
+
+
+def test_the_summary_counts_the_bad_rows_skipped(tmp_path):
+    rows = [{"question": "1 + 1?", "answer": "2"}, {"question": "no answer"}, {"question": "2 + 2?", "answer": "4"},
+            {"question": "3 + 3?", "answer": "6", "deep": json.loads("[" * 120 + "]" * 120)}]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = settings(tmp_path / "out", "math", "qwen2", data_path=str(tmp_path))
+    with pytest.raises(EvalError, match="test.jsonl, row 1: no answer field"):
+        evaluate(s)
+    with pytest.warns(UserWarning, match="skipped 2 bad rows"):
+        summary = evaluate(settings(tmp_path / "out", "math", "qwen2", data_path=str(tmp_path), on_bad_row="skip"))
+    assert summary["parts"][0]["items"] == 2 and summary["parts"][0]["skipped_rows"] == 2
 
 
 @pytest.mark.parametrize("args, message", [

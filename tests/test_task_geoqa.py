@@ -36,11 +36,9 @@ def png(size=(20, 20)) -> bytes:
 
 def test_registered_and_options():
     assert "geoqa" in task_names()
-    with pytest.raises(ValueError, match="Did you mean 'symbolic_timeout_s'"):
-        make(options={"symbolic_timeout": 1})
-    with pytest.raises(ValueError, match="symbolic_timeout_s must be"):
-        make(options={"symbolic_timeout_s": 0})
-    assert make(options={"symbolic_timeout_s": 2}).timeout_s == 2.0
+    # The time limit is task.reward_timeout_s, one setting for every task.
+    with pytest.raises(ValueError, match="unknown option 'symbolic_timeout_s'. Known options: none"):
+        make(options={"symbolic_timeout_s": 2})
 
 
 def test_bundled_sample(task):
@@ -87,7 +85,7 @@ def test_golden_completions(task, row, completion, accuracy, fmt):
 
 
 def test_huge_and_adversarial_completions_are_fast():
-    task = make(options={"symbolic_timeout_s": 1})
+    task = make(reward_timeout_s=1.0)
     start = time.monotonic()
     assert task.score("x" * 100_000, ROW, CTX) == {"accuracy": 0, "format": 0}
     assert task.score(wrap("1" * 100_000), ROW, CTX) == {"accuracy": 0, "format": 1}
@@ -144,6 +142,7 @@ def test_train_layout_and_empty_split(tmp_path):
         task = make(data_path=str(tmp_path), on_bad_row="skip")
         (row,) = task.rows("train")
     assert row["answer"] == "2√3" and task.images(row)[0].size == (20, 20)
+    assert (task.skipped_rows("train"), task.skipped_rows("test")) == (2, 0)  # what the trainer logs
     (tmp_path / "test.jsonl").write_text("")
     with pytest.raises(BadRowError, match="no usable rows"):
         task.rows("test")

@@ -206,8 +206,10 @@ def test_bad_raw_reasonseg_files(tmp_path):
     folder = raw_split(tmp_path)
     with pytest.raises(BadRowError, match=r"broken.json: annotation is not JSON"):
         make(data_path=str(tmp_path)).rows("train")
+    task = make(data_path=str(tmp_path), on_bad_row="skip")
     with pytest.warns(UserWarning, match="kept 1 of 4 rows, skipped 3"):
-        (row,) = make(data_path=str(tmp_path), on_bad_row="skip").rows("train")
+        (row,) = task.rows("train")
+    assert task.skipped_rows("train") == 3
     assert row["box"] == [1.0, 1.0, 20.0, 20.0]  # the "ignore" polygon is passed over
     (folder / "broken.json").unlink()
     with pytest.raises(BadRowError, match=r"noimage.json: no image"):

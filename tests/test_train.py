@@ -125,3 +125,24 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
                         for r in rs]
     assert strip(records(whole / "metrics.jsonl")) == strip(records(cut / "metrics.jsonl"))
     assert records(whole / "ranks" / "rank0.jsonl") == records(cut / "ranks" / "rank0.jsonl")
+
+
+def test_the_bad_rows_skipped_reach_the_metrics(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    good = [json.dumps({"question": f"{i} + 1?", "answer": str(i + 1)}).encode() for i in range(4)]
+    latin1 = b'{"question": "caf\xe9?", "answer": "1"}'
+    deep = json.dumps({"question": "?", "answer": "1", "x": json.loads("[" * 150 + "]" * 150)}).encode()
+    (data / "train.jsonl").write_bytes(b"\n".join(good + [b'{"question": "no answer"}', latin1]) + b"\n")
+    (data / "test.jsonl").write_bytes(b"\n".join(good[:2] + [deep]) + b"\n")
+    from gpg_vl.config import load_config
+    from gpg_vl.trainer import Trainer
+
+    out = tmp_path / "run"
+    cfg = load_config(None, ["model.path=assets/tiny/qwen2", "task.name=math", f"task.data_path={data}",
+                             "task.on_bad_row=skip", "train.prompts_per_device=2", f"train.output_dir={out}",
+                             "train.tensorboard=false"])
+    with pytest.warns(UserWarning, match="skipped"):
+        Trainer(cfg)  # the record is written as the run starts
+    assert records(out / "metrics.jsonl") == [{"step": 0, "data/train_rows": 4, "data/eval_rows": 2,
+                                               "data/train_rows_skipped": 2, "data/eval_rows_skipped": 1}]

@@ -14,7 +14,9 @@ token G times. Here, in one forward call:
 The gradient reaches the prompt (and the vision tower) once, summed over its G completions,
 through the repeated keys/values. Both passes keep working under gradient checkpointing: the
 caches below never change what they hold once read, so a recomputed layer reads and writes
-the same states.
+the same states. (Both passes say use_cache=False: a layer writes into whatever cache it is
+given, and the flag only stops the model making one of its own or warning about
+checkpointing.)
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ class PolicyLogprobs(nn.Module):
         self.model = model
 
     def forward(self, prompts: PromptBatch, completion_ids: Tensor, completion_mask: Tensor, group_size: int,
-                chunk_size: int = 64, temperature: float = 1.0) -> Tensor:
+                chunk_size: int = 16, temperature: float = 1.0) -> Tensor:
         """log pi_T(o_t | prompt, o_<t) of each completion token, float32 [N, T], 0 where the
         mask is 0; pi_T = softmax(logits / temperature), the distribution the completions were
         sampled from. prompts: B prompts; completions [N, T] with N = B * group_size, group
