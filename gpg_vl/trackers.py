@@ -73,6 +73,13 @@ def log(accelerator, step: int, metrics: dict[str, float]) -> None:
                         step=step)
 
 
+def finish(accelerator) -> None:
+    """Close each tracker's run. Not accelerator.end_training(): that also destroys the process
+    group, which an in-process vLLM engine and a later run in the same process still use."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
 def sample_rows(step: int, groups, texts: list[list[str]], components: tuple[str, ...]) -> list[dict]:
     """One row per completion of `groups` (texts[i]: group i's decoded completions)."""
     rows = []

@@ -396,7 +396,7 @@ class Trainer:
                                 t.keep_checkpoints)
         bar.close()
         self.logger.close()
-        acc.end_training()
+        trackers.finish(acc)
         if acc.is_main_process and t.plot:
             plot_curves(self.logger.path, Path(t.output_dir) / PLOT_FILE)
         return last_eval
