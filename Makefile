@@ -19,7 +19,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,hub,eval,bench,deepspeed$(VLLM_EXTRA)]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,hub,eval,bench,deepspeed,lora,trackers$(VLLM_EXTRA)]"
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 

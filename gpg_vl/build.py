@@ -14,17 +14,21 @@ from gpg_vl import distributed
 from gpg_vl.checkpoint import finish_interrupted, list_checkpoints, resolve_resume
 from gpg_vl.config import Config, TrainConfig
 from gpg_vl.evaluation import Part
+from gpg_vl.lora import configure_training, trainable_parameters
 from gpg_vl.models.base import image_count
 from gpg_vl.models.policy import PolicyLogprobs
 from gpg_vl.rollout import Engine, HFEngine
 from gpg_vl.task import Row, Task
+from gpg_vl.trackers import require_installed
 
 
 def make_accelerator(t: TrainConfig):
     from accelerate import Accelerator
 
     mixed = t.mixed_precision if t.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
+    require_installed(t.report_to)
     return Accelerator(gradient_accumulation_steps=t.grad_accum, mixed_precision=mixed,
+                       log_with=list(t.report_to) or None, project_dir=t.output_dir,
                        kwargs_handlers=[distributed.process_group_kwargs(t.dist_timeout_s)])
 
 
@@ -36,8 +40,9 @@ def weights_dtype(cfg: Config, accelerator) -> str:
     return "bfloat16" if ds is not None and accelerator.mixed_precision == "bf16" else "float32"
 
 
-def load_policy(cfg: Config, dtype: str, gradient_checkpointing: bool):
-    """The model family's adapter around the checkpoint at model.path."""
+def load_policy(cfg: Config, dtype: str, gradient_checkpointing: bool, trained: bool = True):
+    """The model family's adapter around the checkpoint at model.path; `trained`: with the LoRA
+    adapters and frozen parts model.lora and model.freeze_vision_tower ask for (not the reference)."""
     from gpg_vl.models import load_adapter
 
     m = cfg.model
@@ -45,6 +50,9 @@ def load_policy(cfg: Config, dtype: str, gradient_checkpointing: bool):
                            attn_implementation=m.attn_implementation or None, trust_remote_code=m.trust_remote_code,
                            gradient_checkpointing=gradient_checkpointing)
     distributed.keep_used_conversions(adapter.model)  # hf/ keeps the checkpoint's names under ZeRO-3 too
+    if trained:
+        configure_training(adapter.model, m.lora, m.freeze_vision_tower)
+        adapter.lora = m.lora
     return adapter
 
 
@@ -55,7 +63,7 @@ def load_reference(cfg: Config, accelerator, dtype: str) -> PolicyLogprobs | Non
     a = cfg.algorithm
     if a.name == "gpg" or a.kl_coef <= 0:
         return None
-    reference = PolicyLogprobs(load_policy(cfg, dtype, gradient_checkpointing=False).model)
+    reference = PolicyLogprobs(load_policy(cfg, dtype, gradient_checkpointing=False, trained=False).model)
     if distributed.zero_stage(accelerator) == 3:
         return distributed.zero3_reference(reference, accelerator.state.deepspeed_plugin.deepspeed_config)
     return reference.to(accelerator.device).eval().requires_grad_(False)
@@ -74,7 +82,9 @@ def tell_deepspeed(accelerator, t: TrainConfig, group_size: int, model_config) -
 
 
 def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=t.adam_betas, weight_decay=t.weight_decay)
+    """AdamW over what is trained (with LoRA or a frozen vision tower, not every weight)."""
+    return torch.optim.AdamW(trainable_parameters(model), lr=t.learning_rate, betas=t.adam_betas,
+                             weight_decay=t.weight_decay)
 
 
 def eval_part(task: Task, cfg: Config, adapter, say) -> tuple[Part | None, int]:

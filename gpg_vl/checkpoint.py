@@ -10,7 +10,8 @@ place, a half-written one and a half-deleted one are removed.
 
 Contents: accelerate's state (model, optimizer, every rank's RNG states, the prompt
 stream's position, the trainer's counters; DeepSpeed-aware) and, under `hf/`, the model
-and processor in Hugging Face format for evaluation or further training.
+and processor in Hugging Face format for evaluation or further training (LoRA merged into
+the weights); with LoRA also the adapter alone under `adapter/`, in peft's layout.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Iterator
 
 from gpg_vl.distributed import hf_state_dict, write_run_shape
+
+from gpg_vl.lora import merged_state_dict, save_adapter
 
 DONE_MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"^step_(\d+)$")
@@ -149,7 +152,12 @@ def save_checkpoint(accelerator, model, adapter, output_dir: str | Path, step: i
     accelerator.wait_for_everyone()  # every rank's files written before the marker says complete
     state_dict = hf_state_dict(accelerator, model)  # gathered under ZeRO-3 (a collective), else None
     if accelerator.is_main_process:
-        adapter.model.save_pretrained(tmp / "hf", state_dict=state_dict, safe_serialization=True)
+        if adapter.lora.enabled and state_dict is None:  # LoRA is merged from the whole weights, held here
+            state_dict = adapter.model.state_dict()
+        adapter.model.save_pretrained(tmp / "hf", state_dict=merged_state_dict(state_dict, adapter.lora),
+                                      safe_serialization=True)
+        if adapter.lora.enabled:
+            save_adapter(adapter.model, state_dict, tmp / "adapter", adapter.model.name_or_path)
         adapter.save_processor(tmp / "hf")
         if shape is not None:
             write_run_shape(tmp, shape)

@@ -22,9 +22,11 @@ from typing import Any
 import yaml
 
 from gpg_vl.algorithm import ADVANTAGE_NORMS, AGGREGATIONS, ALGORITHMS, DEFAULTS
+from gpg_vl.lora import LoraSettings
 from gpg_vl.resources import PRESETS
 from gpg_vl.settings import ConfigError, check, coerce, describe_fields, field_docs, suggest
 from gpg_vl.task import TaskConfig
+from gpg_vl.trackers import check_report_to
 
 EVAL_DATA = ("data_path", "data_config", "data_revision", "image_root")
 """Where the evaluated task's data is: eval.* settings named as the task.* ones they default to."""
@@ -49,6 +51,10 @@ class ModelConfig:
     """Recompute activations in the backward pass to save memory."""
     trust_remote_code: bool = False
     """Allow a checkpoint to run its own Python code when loading (only for checkpoints you trust)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters (peft) on the language model; model.lora.rank > 0 turns them on (gpg_vl/lora.py)."""
+    freeze_vision_tower: bool = False
+    """Train without touching the vision tower and merger (full fine-tuning of the rest, or LoRA)."""
 
 
 @dataclass
@@ -157,6 +163,14 @@ class TrainConfig:
     """Seconds a collective waits for the other ranks; then the run stops with a message naming the phase and the ranks that stopped answering (dead or stalled). Must exceed the longest time one rank works while the others wait: a checkpoint save, an evaluation shard, the slowest generation round."""
     tensorboard: bool = True
     """Also write TensorBoard event files."""
+    report_to: list[str] = field(default_factory=list)
+    """Trackers that also get every metrics record, through accelerate: tensorboard, wandb, swanlab, mlflow, comet_ml, aim, clearml, dvclive, trackio (offline: WANDB_MODE=offline, SWANLAB_MODE=offline)."""
+    run_name: str = ""
+    """The run's name in the trackers; empty = the last part of output_dir."""
+    log_samples_every: int = 0
+    """Every this many steps, a table of sample completions (prompt, completion, reward, each component) to samples.jsonl and the trackers that take tables; 0 = off."""
+    log_samples: int = 2
+    """Groups in each sample table (every completion of each)."""
     plot: bool = True
     """Write curves.png (reward and accuracy against step) at the end."""
 
@@ -224,9 +238,19 @@ def _sections() -> dict[str, type]:
 
 
 def help_text() -> str:
-    """Every option as `section.name (type, default): doc`, for the CLI."""
-    return "\n".join(f"  {section}.{name} ({tp}, default {default!r})\n      {doc}"
-                     for section, cls in _sections().items() for name, tp, default, doc in describe_fields(cls))
+    """Every option as `section.name (type, default): doc`, for the CLI (groups of options, such
+    as model.lora, one line per option of the group)."""
+    return "\n".join(line for section, cls in _sections().items() for line in _help_lines(section, cls))
+
+
+def _help_lines(prefix: str, cls: type) -> list[str]:
+    hints, lines = typing.get_type_hints(cls), []
+    for name, tp, default, doc in describe_fields(cls):
+        if dataclasses.is_dataclass(hints[name]):  # a group of options: model.lora.rank, ...
+            lines += _help_lines(f"{prefix}.{name}", hints[name])
+        else:
+            lines.append(f"  {prefix}.{name} ({tp}, default {default!r})\n      {doc}")
+    return lines
 
 
 def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
@@ -234,7 +258,11 @@ def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
     if section not in sections:
         raise ConfigError(f"unknown config section {section!r}{suggest(section, sections)}; "
                           f"sections: {', '.join(sections)}")
-    obj = getattr(cfg, section)
+    _set(getattr(cfg, section), section, key, value)
+
+
+def _set(obj: Any, section: str, key: str, value: Any) -> None:
+    """Set option `key` (dotted into groups: lora.rank) of the dataclass `obj`, named `section`."""
     cls = type(obj)
     names = [f.name for f in dataclasses.fields(cls)]
     head, _, rest = key.partition(".")
@@ -242,6 +270,15 @@ def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
         raise ConfigError(f"unknown option {section}.{head}{suggest(head, names, section + '.')}; "
                           f"`gpg-vl train --help` lists every option")
     tp = typing.get_type_hints(cls)[head]
+    if dataclasses.is_dataclass(tp):  # a group of options: model.lora.rank=8, or a mapping in YAML
+        if rest:
+            _set(getattr(obj, head), f"{section}.{head}", rest, value)
+            return
+        if not isinstance(value, dict):
+            raise ConfigError(f"{section}.{head} is a group of options: give a mapping, or set {section}.{head}.NAME")
+        for name, item in value.items():
+            _set(getattr(obj, head), f"{section}.{head}", name, item)
+        return
     if rest:  # a nested key into a dict option, e.g. task.options.kinds
         if typing.get_origin(tp) is not dict:
             raise ConfigError(f"{section}.{head} is not a mapping; cannot set {section}.{key}")
@@ -360,6 +397,8 @@ def validate(cfg: Config) -> None:
     check(m.dtype in ("auto", "float32", "bfloat16", "float16"),
           f"model.dtype must be auto, float32, bfloat16 or float16, got {m.dtype!r}")
     check(0 < m.min_pixels <= m.max_pixels, "model.min_pixels must be positive and at most model.max_pixels")
+    for problem in m.lora.check():
+        check(False, problem)
     check(t.prompts_per_device >= 1 and t.grad_accum >= 1, "train.prompts_per_device and train.grad_accum must be >= 1")
     check(t.learning_rate > 0, "train.learning_rate must be > 0")
     check(t.lr_schedule in ("linear", "cosine", "constant"),
@@ -378,6 +417,9 @@ def validate(cfg: Config) -> None:
     check(t.logprob_chunk >= 1 and t.log_every >= 1 and t.keep_checkpoints >= 1,
           "train.logprob_chunk, train.log_every and train.keep_checkpoints must be >= 1")
     check(cfg.task.on_bad_row in ("error", "skip"), "task.on_bad_row must be 'error' or 'skip'")
+    check(t.log_samples_every >= 0 and t.log_samples >= 1, "train.log_samples_every must be >= 0 and train.log_samples >= 1")
+    for problem in check_report_to(t.report_to, t.tensorboard):
+        check(False, problem)
     check(cfg.task.eval_size >= 0, "task.eval_size must be >= 0 (0 = the whole split)")
     check(cfg.task.max_image_pixels >= 1, "task.max_image_pixels must be >= 1")
     check(cfg.task.reward_timeout_s > 0, f"task.reward_timeout_s must be > 0 seconds, got {cfg.task.reward_timeout_s}")

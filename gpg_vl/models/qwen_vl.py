@@ -1,5 +1,8 @@
-"""Qwen2-VL and Qwen2.5-VL: one adapter, two families that differ in the model class and in
-how they write boxes (Qwen2-VL: 0..1000 grid; Qwen2.5-VL: pixels of the resized image)."""
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: one adapter, three families that differ in the model
+class, in how they write boxes (Qwen2-VL and Qwen3-VL: a 0..1000 grid; Qwen2.5-VL: pixels of
+the resized image) and in what the vision tower hands the language model (Qwen3-VL: DeepStack
+features for its first layers too). Patch sizes (14 px, Qwen3-VL 16 px) and merging come from
+each checkpoint's image processor."""
 
 from __future__ import annotations
 
@@ -14,6 +17,9 @@ from transformers import (
     Qwen2_5_VLProcessor,
     Qwen2VLForConditionalGeneration,
     Qwen2VLProcessor,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeForConditionalGeneration,
+    Qwen3VLProcessor,
 )
 from transformers.image_utils import SizeDict
 
@@ -71,7 +77,8 @@ class QwenVLAdapter(ModelAdapter):
 
     @classmethod
     def box_convention_for(cls, image_processor) -> BoxConvention:
-        raise NotImplementedError
+        """Qwen2-VL and Qwen3-VL write boxes as integers on a 0..1000 grid of the image."""
+        return NormalizedBoxes(1000)
 
     @classmethod
     def load(cls, path: str, *, dtype: str, max_pixels: int, min_pixels: int, attn_implementation: str | None,
@@ -149,10 +156,6 @@ class Qwen2VLAdapter(QwenVLAdapter):
     model_cls = Qwen2VLForConditionalGeneration
     processor_cls = Qwen2VLProcessor
 
-    @classmethod
-    def box_convention_for(cls, image_processor) -> BoxConvention:
-        return NormalizedBoxes(1000)
-
 
 class Qwen2_5_VLAdapter(QwenVLAdapter):
     model_type: ClassVar[str] = "qwen2_5_vl"
@@ -161,7 +164,27 @@ class Qwen2_5_VLAdapter(QwenVLAdapter):
 
     @classmethod
     def box_convention_for(cls, image_processor) -> BoxConvention:
-        # Boxes refer to the image as resized by these very settings.
+        # Absolute pixels: boxes refer to the image as resized by these very settings.
         return ResizedPixelBoxes(factor=image_processor.patch_size * image_processor.merge_size,
                                  min_pixels=image_processor.size.shortest_edge,
                                  max_pixels=image_processor.size.longest_edge)
+
+
+class Qwen3VLAdapter(QwenVLAdapter):
+    model_type: ClassVar[str] = "qwen3_vl"
+    model_cls = Qwen3VLForConditionalGeneration
+    processor_cls = Qwen3VLProcessor  # boxes: back to Qwen2-VL's relative 0..1000 grid
+
+    def image_embeddings(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """[visual tokens, hidden * (1 + DeepStack layers)] per image: the merger's output, then
+        each DeepStack merger's, side by side (the layout vLLM takes as image embeddings)."""
+        out = self.model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+        per_layer = list(zip(*out.deepstack_features)) if out.deepstack_features else [()] * len(out.pooler_output)
+        return [torch.cat([main, *deep], dim=-1) for main, deep in zip(out.pooler_output, per_layer)]
+
+
+class Qwen3VLMoeAdapter(Qwen3VLAdapter):
+    """Qwen3-VL with mixture-of-experts language layers (Qwen3-VL-30B-A3B): the same inputs."""
+
+    model_type: ClassVar[str] = "qwen3_vl_moe"
+    model_cls = Qwen3VLMoeForConditionalGeneration

@@ -1,4 +1,5 @@
-"""Tiny random-init Qwen2-VL, Qwen2.5-VL and Qwen2 models, built offline from configs.
+"""Tiny random-init Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense and MoE) and Qwen2 models, built
+offline from configs.
 
 They exist so that tests and smoke runs load through exactly the code path real
 checkpoints take (`load_adapter(folder)`), in seconds, on a CPU. The weights are random;
@@ -27,6 +28,10 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -60,7 +65,7 @@ PROMPT_WORDS = tuple("""how many what where which is are the in of a an image sh
 answer with one digit word its box as think reasoning output final number question user assistant
 system please identify this that containing""".split())
 BPE_VOCAB = 440  # 256 bytes, specials and the merges of the words above; the tag tokens come on top
-MIN_PIXELS, MAX_PIXELS = 3136, 12544  # 4 to 16 image tokens: fast on a CPU
+MIN_PIXELS, MAX_PIXELS = 3136, 12544  # 4 to 16 image tokens (Qwen3-VL: 4 to 12): fast on a CPU
 HIDDEN, LAYERS = 64, 2
 HEAD_DIM = 16  # the bundled models: 4 heads of 16
 VLLM_HEAD_DIM = 32  # the smallest head vLLM's CPU attention runs: 2 heads of 32
@@ -142,6 +147,37 @@ def qwen2_5_vl_config(tok: PreTrainedTokenizerFast, head_dim: int = HEAD_DIM) ->
                             **vision_token_ids(tok))
 
 
+def qwen3_vl_parts(tok: PreTrainedTokenizerFast, head_dim: int) -> tuple[dict, dict]:
+    """Text and vision settings of the tiny Qwen3-VL (dense and MoE alike)."""
+    # Heads of 32 whatever is asked: no older bundled files to keep, and vLLM's CPU attention
+    # runs no narrower (Qwen3's per-head q/k norms make the width explicit: head_dim).
+    head_dim = max(head_dim, VLLM_HEAD_DIM)
+    rope = {**ROPE, "mrope_section": mrope_section(head_dim), "mrope_interleaved": True}
+    text = {**text_kwargs(tok, head_dim), "head_dim": head_dim, "rope_parameters": rope}
+    # 16-pixel patches merged 2 x 2 (32 pixels per visual token), learned position embeddings
+    # on an 8 x 8 grid (interpolated to each image), and one DeepStack merger: vision layer 0's
+    # features are added to the language model's first layer, as the real model's three are.
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": HIDDEN, "num_heads": 4,
+              "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 64,
+              "deepstack_visual_indexes": [0]}
+    return text, vision
+
+
+def qwen3_vl_config(tok: PreTrainedTokenizerFast, head_dim: int = HEAD_DIM) -> Qwen3VLConfig:
+    text, vision = qwen3_vl_parts(tok, head_dim)
+    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **vision_token_ids(tok))
+
+
+def qwen3_vl_moe_config(tok: PreTrainedTokenizerFast, head_dim: int = HEAD_DIM) -> Qwen3VLMoeConfig:
+    text, vision = qwen3_vl_parts(tok, head_dim)
+    # Every layer sparse: 4 experts, 2 routed per token (the 30B-A3B model: 128 and 8).
+    text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=HIDDEN // 2, decoder_sparse_step=1,
+                # transformers always renormalises the routed experts' weights; vLLM does when told.
+                norm_topk_prob=True)
+    return Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
+                            **vision_token_ids(tok))
+
+
 def qwen2_config(tok: PreTrainedTokenizerFast, head_dim: int = HEAD_DIM) -> Qwen2Config:
     return Qwen2Config(**text_kwargs(tok, head_dim), rope_parameters=dict(ROPE), tie_word_embeddings=True)
 
@@ -149,12 +185,18 @@ def qwen2_config(tok: PreTrainedTokenizerFast, head_dim: int = HEAD_DIM) -> Qwen
 FAMILIES = {
     "qwen2_vl": (qwen2_vl_config, Qwen2VLForConditionalGeneration),
     "qwen2_5_vl": (qwen2_5_vl_config, Qwen2_5_VLForConditionalGeneration),
+    "qwen3_vl": (qwen3_vl_config, Qwen3VLForConditionalGeneration),
+    "qwen3_vl_moe": (qwen3_vl_moe_config, Qwen3VLMoeForConditionalGeneration),
     "qwen2": (qwen2_config, Qwen2ForCausalLM),
 }
+# Image processor settings beyond the pixel limits: Qwen3-VL's patches are 16 pixels and its
+# images normalised to [-1, 1], as the released checkpoints' preprocessor_config.json say.
+QWEN3_VL_IMAGES = {"patch_size": 16, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+IMAGE_PROCESSOR = {"qwen3_vl": QWEN3_VL_IMAGES, "qwen3_vl_moe": QWEN3_VL_IMAGES}
 
 
 def build_tiny_models(out_dir: Path, seed: int = 0, head_dim: int = HEAD_DIM) -> dict[str, Path]:
-    """Write the three tiny models under `out_dir`; the same seed gives identical files.
+    """Write the tiny models under `out_dir`; the same seed gives identical files.
     head_dim: width of the language model's attention heads (HIDDEN / head_dim heads); the
     bundled models have 16, rollout.engine=vllm on a CPU needs at least VLLM_HEAD_DIM."""
     if head_dim < 2 or HIDDEN % head_dim or head_dim % 2:
@@ -173,7 +215,8 @@ def build_tiny_models(out_dir: Path, seed: int = 0, head_dim: int = HEAD_DIM) ->
         if model.config.model_type != "qwen2":
             # The image processor alone (no processor_config.json): AutoProcessor then builds
             # the family's processor from the model type, with or without torchvision.
-            image_processor = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+            image_processor = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
+                                                       **IMAGE_PROCESSOR.get(name, {}))
             image_processor.save_pretrained(folder)
         written[name] = folder
     return written
