@@ -49,7 +49,7 @@ def test_the_wheel_holds_the_tasks_presets_models_and_samples(installed):
                              "print(r.preset_names()); print(r.tiny_model_names())", cwd=work).splitlines()
     assert str(python.parent.parent) in where[0] and str(ROOT) not in where[0]
     assert "shapes" in where[1] and "sat_tiny" in where[1]
-    assert where[2] == "['qwen2', 'qwen2_5_vl', 'qwen2_vl']"
+    assert where[2] == "['qwen2', 'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl', 'qwen3_vl_moe']"
     names = sh(python.parent / "gpg-vl", "tasks", cwd=work).split()
     assert {"shapes", "lisa", "flower102", "geoqa", "sat", "cvbench", "math", "math_rs", "mini_count"} <= set(names)
 

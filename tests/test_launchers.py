@@ -176,8 +176,8 @@ def test_grpo_reference_under_zero3_gives_the_kl_of_data_parallel(runs, launcher
 
 def test_skewed_valid_groups_are_balanced_so_no_rank_trains_filler(tmp_path):
     out = tmp_path / "skew"
-    launch(out, "ddp", f"task.name={SKEW}", "task.eval_split=", "train.prompts_per_device=2", "train.grad_accum=2",
-           "algorithm.beta_th=1.0", "train.max_steps=3", "train.save_every=0")
+    launch(out, "ddp", f"task.name={SKEW}", "task.options={}", "task.eval_split=", "train.prompts_per_device=2",
+           "train.grad_accum=2", "algorithm.beta_th=1.0", "train.max_steps=3", "train.save_every=0")
     ranks = [records(out / "ranks" / f"rank{r}.jsonl") for r in range(2)]
     steps = {r["step"]: r for r in records(out / "metrics.jsonl") if "loss" in r}
     per_rank, n_groups = 2 * 2, 2 * 2 * 2

@@ -49,5 +49,5 @@ def test_the_vllm_engine_learns_as_the_hf_engine_does(tmp_path, vllm_tiny):
         evals[engine] = [r for r in records if "eval/accuracy" in r]
     for engine, points in evals.items():
         assert [p["step"] for p in points] == [0, 30], engine
-        assert points[0]["eval/accuracy"] <= 0.05 and points[0]["eval/format"] <= 0.05, engine
-        assert points[-1]["eval/format"] >= 0.9 and points[-1]["eval/accuracy"] >= 0.2, engine
+        assert points[0]["eval/accuracy"] <= 0.05 and points[0]["eval/reward/format"] <= 0.05, engine
+        assert points[-1]["eval/reward/format"] >= 0.9 and points[-1]["eval/accuracy"] >= 0.2, engine
