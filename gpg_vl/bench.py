@@ -203,8 +203,10 @@ def peak_memory_gb() -> float:
 def trainer_config(shape: Shape, model: Path, steps: int, out: Path, engine: str = "hf"):
     from gpg_vl.config import load_config
 
-    return load_config(None, [f"rollout.engine={engine}",
-        f"model.path={model}", f"model.max_pixels={shape.image_size ** 2}", "model.dtype=auto",
+    # The engine only when it is not the default: a --baseline-src checkout may predate the option.
+    chosen = [f"rollout.engine={engine}"] if engine != "hf" else []
+    return load_config(None, [
+        *chosen, f"model.path={model}", f"model.max_pixels={shape.image_size ** 2}", "model.dtype=auto",
         f"task.name={Path(__file__).resolve()}:BenchTask", "task.eval_split=",
         f"task.options.image_size={shape.image_size}", f"task.options.rows={max(64, shape.prompts)}",
         f"algorithm.group_size={shape.group_size}", f"rollout.max_new_tokens={shape.new_tokens}",
