@@ -1,6 +1,6 @@
 """Valid groups balanced across ranks.
 
-alpha and beta_th count valid groups over all ranks (GPG.md), while each rank trains its own
+alpha and beta_th count valid groups over all ranks (docs/algorithm.md), while each rank trains its own
 share of the batch: exactly L = prompts_per_device * grad_accum groups (DeepSpeed's number of
 micro-batches is fixed). The reference code rebuilt each rank's batch locally, so one rank
 could train filler while another dropped valid groups. Here:
