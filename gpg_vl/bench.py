@@ -170,17 +170,25 @@ class BenchTask(Task):
     Options = BenchOptions
     reward_components = ("accuracy",)
 
+    @property
+    def settings(self) -> BenchOptions:
+        """The typed options; a --baseline-src checkout older than typed task options gives its
+        task base a plain mapping, read here the same way."""
+        typed = getattr(self, "options", None)
+        return typed if isinstance(typed, BenchOptions) else BenchOptions(**self.config.options)
+
     def rows(self, split: str) -> list[Row]:
-        return [{"id": i} for i in range(self.options.rows)]
+        return [{"id": i} for i in range(self.settings.rows)]
 
     def prompt(self, row: Row):
         return image_chat(PROMPT)
 
     def images(self, row: Row) -> list[Image.Image]:
-        return [bench_image(row["id"], self.options.image_size)]
+        return [bench_image(row["id"], self.settings.image_size)]
 
     def image_sizes(self, row: Row) -> list[tuple[int, int]]:
-        return [(self.options.image_size, self.options.image_size)]
+        side = self.settings.image_size
+        return [(side, side)]
 
     def score(self, completion: str, row: Row, ctx: ScoreContext) -> dict[str, float]:
         return {"accuracy": hash_reward(completion)}
