@@ -107,7 +107,7 @@ def completion_mask(completion_ids: Tensor, eos_ids: list[int]) -> Tensor:
 
 def sample_categorical(weights: Tensor) -> Tensor:
     """One index per row of non-negative (unnormalised) weights [N, V], by inverting the
-    cumulative sum (float64): exact, and on CPU far faster than torch.multinomial over a
+    cumulative sum (float64): exact, and on CPU about twice as fast as torch.multinomial over a
     151k-token vocabulary. A zero weight is never drawn."""
     cdf = weights.cumsum(dim=-1, dtype=torch.float64)  # [N, V]
     u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]  # [N, 1]
